@@ -1,0 +1,21 @@
+//! Diffusion: Stable-Diffusion-family models loaded from diffusers folders, schedulers, the CLIP tokenizer and the
+//! text-to-image pipeline. Knows nothing about queues or jobs.
+
+mod error;
+pub mod noise;
+pub mod schedulers;
+
+pub use error::{Error, Result};
+pub mod clip;
+pub mod config;
+mod layers;
+pub mod model;
+pub mod pipeline;
+pub mod tokenizer;
+pub mod unet;
+pub mod vae;
+mod weights;
+
+pub mod hub;
+pub mod image_io;
+pub mod tiny;

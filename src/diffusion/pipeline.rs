@@ -1,0 +1,251 @@
+//! Text-to-image: the denoising loop shared by every family and scheduler.
+
+use std::time::{Duration, Instant};
+
+use candle_core::{DType, Device, Shape, Tensor};
+use serde::Serialize;
+
+use super::model::{Architecture, DiffusionModel, TextConditioning};
+use super::noise::NoiseSource;
+use super::schedulers::{self, SchedulerKind, StepNoise};
+use super::unet::TextTimeConditioning;
+use super::{Error, Result};
+
+/// Largest image side accepted, in pixels: beyond it attention memory grows past any GPU we target.
+pub const MAX_IMAGE_SIDE: usize = 2048;
+/// Most images generated from one prompt in one call.
+pub const MAX_BATCH: usize = 16;
+/// Most denoising steps accepted (schedulers are trained on 1000 timesteps).
+pub const MAX_STEPS: usize = 1000;
+
+/// A fully specified generation; [`DiffusionModel::params`] fills in a model's defaults.
+#[derive(Clone, Serialize)]
+pub struct GenerateParams {
+    #[serde(skip)]
+    pub prompt: String,
+    #[serde(skip)]
+    pub negative_prompt: String,
+    pub width: usize,
+    pub height: usize,
+    pub steps: usize,
+    /// Classifier-free guidance scale; ≤ 1 runs the UNet once per step without guidance.
+    pub guidance: f64,
+    /// Image `i` of a batch uses seed `seed + i`, so any image can be reproduced alone.
+    pub seed: u64,
+    pub scheduler: SchedulerKind,
+    pub batch: usize,
+}
+
+/// What a caller may leave to the model's defaults.
+#[derive(Clone, Default)]
+pub struct GenerateRequest {
+    pub prompt: String,
+    pub negative_prompt: String,
+    pub size: Option<(usize, usize)>,
+    pub steps: Option<usize>,
+    pub guidance: Option<f64>,
+    pub seed: u64,
+    pub scheduler: Option<SchedulerKind>,
+    pub batch: usize,
+}
+
+/// Reported after every denoising step; the callback returns `false` to cancel.
+#[derive(Debug, Clone, Copy)]
+pub struct StepProgress {
+    pub step: usize,
+    pub total: usize,
+}
+
+/// Wall time per stage of one generation.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct StageTimings {
+    pub text_encode: Duration,
+    pub denoise: Duration,
+    pub vae_decode: Duration,
+}
+
+/// The result of a generation.
+pub struct Generated {
+    /// RGB pixels, (batch, 3, height, width), u8.
+    pub images: Tensor,
+    /// The initial noise before scaling by the scheduler's sigma, (batch, channels, h/8, w/8), f32.
+    pub initial_noise: Tensor,
+    /// The denoised latents handed to the VAE (scaled space), f32.
+    pub final_latents: Tensor,
+    pub truncated_tokens: usize,
+    pub timings: StageTimings,
+}
+
+/// Per-image noise streams: row `i` of every draw comes from image `i`'s own seed.
+pub struct BatchNoise {
+    sources: Vec<NoiseSource>,
+}
+
+impl BatchNoise {
+    pub fn new(seed: u64, batch: usize) -> Self {
+        Self { sources: (0..batch as u64).map(|i| NoiseSource::new(seed.wrapping_add(i))).collect() }
+    }
+}
+
+impl StepNoise for BatchNoise {
+    fn sample(&mut self, shape: &Shape, dtype: DType, device: &Device) -> Result<Tensor> {
+        let dims = shape.dims();
+        if dims.first() != Some(&self.sources.len()) {
+            return Err(Error::InvalidRequest(format!("noise for shape {shape:?} but {} images", self.sources.len())));
+        }
+        let row: Vec<usize> = std::iter::once(1).chain(dims[1..].iter().copied()).collect();
+        let rows =
+            self.sources.iter_mut().map(|s| s.tensor(row.as_slice(), dtype, device)).collect::<Result<Vec<_>>>()?;
+        Ok(Tensor::cat(&rows, 0)?)
+    }
+}
+
+impl DiffusionModel {
+    /// Fills in defaults and validates a request against this model.
+    pub fn params(&self, request: GenerateRequest) -> Result<GenerateParams> {
+        let (default_w, default_h) = self.default_size();
+        let (width, height) = request.size.unwrap_or((default_w, default_h));
+        let params = GenerateParams {
+            width,
+            height,
+            steps: request.steps.or(self.defaults.steps).unwrap_or(30),
+            guidance: request.guidance.or(self.defaults.guidance).unwrap_or(7.5),
+            seed: request.seed,
+            scheduler: match request.scheduler {
+                Some(s) => s,
+                None => self.default_scheduler()?,
+            },
+            batch: request.batch.max(1),
+            prompt: request.prompt,
+            negative_prompt: request.negative_prompt,
+        };
+        self.validate(&params)?;
+        Ok(params)
+    }
+
+    /// Rejects parameters this model cannot run, naming the parameter.
+    pub fn validate(&self, p: &GenerateParams) -> Result<()> {
+        let factor = self.vae_scale_factor();
+        for (name, side) in [("width", p.width), ("height", p.height)] {
+            if side == 0 || side % factor != 0 {
+                return Err(Error::InvalidRequest(format!("{name} {side} is not a positive multiple of {factor}")));
+            }
+            if side > MAX_IMAGE_SIDE {
+                return Err(Error::InvalidRequest(format!("{name} {side} exceeds the limit of {MAX_IMAGE_SIDE}")));
+            }
+        }
+        if p.steps == 0 || p.steps > MAX_STEPS {
+            return Err(Error::InvalidRequest(format!("steps {} is outside 1..={MAX_STEPS}", p.steps)));
+        }
+        if p.batch == 0 || p.batch > MAX_BATCH {
+            return Err(Error::InvalidRequest(format!("batch {} is outside 1..={MAX_BATCH}", p.batch)));
+        }
+        if !p.guidance.is_finite() || p.guidance < 0.0 {
+            return Err(Error::InvalidRequest(format!("guidance {} must be a finite number ≥ 0", p.guidance)));
+        }
+        Ok(())
+    }
+
+    /// Generates `params.batch` images from seeded noise.
+    pub fn generate(
+        &self,
+        params: &GenerateParams,
+        on_step: &mut dyn FnMut(StepProgress) -> bool,
+    ) -> Result<Generated> {
+        self.validate(params)?;
+        let mut noise = BatchNoise::new(params.seed, params.batch);
+        let initial = noise.sample(&self.latent_shape(params).into(), DType::F32, &self.device)?;
+        self.generate_from_noise(params, initial, &mut noise, on_step)
+    }
+
+    /// (batch, latent channels, height / 8, width / 8)
+    pub fn latent_shape(&self, p: &GenerateParams) -> (usize, usize, usize, usize) {
+        let f = self.vae_scale_factor();
+        (p.batch, self.vae.config().latent_channels, p.height / f, p.width / f)
+    }
+
+    /// The denoising loop from given initial noise; `step_noise` feeds ancestral schedulers.
+    pub fn generate_from_noise(
+        &self,
+        params: &GenerateParams,
+        initial_noise: Tensor,
+        step_noise: &mut dyn StepNoise,
+        on_step: &mut dyn FnMut(StepProgress) -> bool,
+    ) -> Result<Generated> {
+        self.validate(params)?;
+        let expected = self.latent_shape(params);
+        if initial_noise.dims4()? != expected {
+            return Err(Error::InvalidRequest(format!(
+                "initial noise {:?} but expected {expected:?}",
+                initial_noise.shape()
+            )));
+        }
+        let initial_noise = initial_noise.to_dtype(DType::F32)?.to_device(&self.device)?;
+        let guided = params.guidance > 1.0;
+        let mut timings = StageTimings::default();
+
+        // 1. text conditioning; with guidance, the unconditional half goes first
+        let started = Instant::now();
+        let cond = self.encode_prompt(&params.prompt, params.batch, false)?;
+        let TextConditioning { context, pooled, truncated_tokens } = if guided {
+            let uncond = self.encode_prompt(&params.negative_prompt, params.batch, true)?;
+            let pooled = match (uncond.pooled, cond.pooled) {
+                (Some(u), Some(c)) => Some(Tensor::cat(&[u, c], 0)?),
+                _ => None,
+            };
+            TextConditioning {
+                context: Tensor::cat(&[uncond.context, cond.context], 0)?,
+                pooled,
+                truncated_tokens: cond.truncated_tokens,
+            }
+        } else {
+            cond
+        };
+        let context = context.to_dtype(self.dtype)?;
+        let rows = context.dim(0)?;
+        // 2. SDXL micro-conditioning: original size = target size = the requested size, no crop
+        let added = match (self.architecture, pooled) {
+            (Architecture::StableDiffusionXl, Some(pooled)) => {
+                let (h, w) = (params.height as f32, params.width as f32);
+                let ids: Vec<f32> = (0..rows).flat_map(|_| [h, w, 0.0, 0.0, h, w]).collect();
+                Some(TextTimeConditioning {
+                    text_embeds: pooled,
+                    time_ids: Tensor::from_vec(ids, (rows, 6), &self.device)?,
+                })
+            }
+            _ => None,
+        };
+        timings.text_encode = started.elapsed();
+
+        // 3. schedule and starting latents
+        let started = Instant::now();
+        let mut scheduler = schedulers::build(params.scheduler, &self.scheduler_config, params.steps)?;
+        let timesteps = scheduler.timesteps().to_vec();
+        let mut latents = (&initial_noise * scheduler.init_noise_sigma())?;
+
+        // 4. denoise
+        for (i, &t) in timesteps.iter().enumerate() {
+            let input = if guided { Tensor::cat(&[&latents, &latents], 0)? } else { latents.clone() };
+            let input = scheduler.scale_model_input(&input, i)?.to_dtype(self.dtype)?;
+            let prediction = self.unet.forward(&input, t, &context, added.as_ref())?.to_dtype(DType::F32)?;
+            let prediction = if guided {
+                let halves = prediction.chunk(2, 0)?;
+                (&halves[0] + ((&halves[1] - &halves[0])? * params.guidance)?)?
+            } else {
+                prediction
+            };
+            latents = scheduler.step(&prediction, i, &latents, step_noise)?;
+            if !on_step(StepProgress { step: i + 1, total: timesteps.len() }) {
+                return Err(Error::Cancelled);
+            }
+        }
+        timings.denoise = started.elapsed();
+
+        // 5. decode to pixels
+        let started = Instant::now();
+        let decoded = self.vae.decode(&latents.to_dtype(self.vae_dtype)?)?.to_dtype(DType::F32)?;
+        let images = ((decoded * 0.5)? + 0.5)?.clamp(0f32, 1f32)?.affine(255.0, 0.0)?.round()?.to_dtype(DType::U8)?;
+        timings.vae_decode = started.elapsed();
+        Ok(Generated { images, initial_noise, final_latents: latents, truncated_tokens, timings })
+    }
+}
