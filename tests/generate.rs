@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{load, max_abs_diff, tiny_model_dir};
+use common::{load, max_abs_diff, max_rel_diff, tiny_model_dir};
 use imago::diffusion::hub::{resolve_model, HubOptions};
 use imago::diffusion::model::{DiffusionModel, LoadOptions};
 use imago::diffusion::pipeline::{GenerateParams, GenerateRequest, Generated};
@@ -55,8 +55,9 @@ fn image_i_of_a_batch_is_the_single_image_of_seed_plus_i() {
     let single = run(&model, request(102));
     assert_eq!(batch.images.dims4().unwrap().0, 3);
     let third = batch.final_latents.get(2).unwrap();
-    let diff = max_abs_diff(&third, &single.final_latents.get(0).unwrap());
-    assert!(diff < 1e-4, "batch entry differs from its single run by {diff}");
+    // Batched matmuls sum in another order: equal up to float rounding.
+    let diff = max_rel_diff(&third, &single.final_latents.get(0).unwrap());
+    assert!(diff < 1e-5, "batch entry differs from its single run by {diff} (relative)");
 }
 
 #[test]
@@ -88,8 +89,8 @@ fn fp16_weight_variant_loads_and_matches_full_precision() {
     std::fs::remove_file(copy.path().join("text_encoder/model.safetensors")).unwrap();
     let full = run(&load(&dir), request(9));
     let half = run(&load(copy.path()), request(9));
-    let diff = max_abs_diff(&full.final_latents, &half.final_latents);
-    assert!(diff > 0.0 && diff < 0.05, "fp16 weights gave latents {diff} away from f32");
+    let diff = max_rel_diff(&half.final_latents, &full.final_latents);
+    assert!(diff > 0.0 && diff < 5e-3, "fp16 weights gave latents {diff} (relative) away from f32");
 }
 
 #[test]
@@ -172,7 +173,8 @@ fn broken_folders_give_errors_that_name_the_problem() {
         std::fs::write(path, text).unwrap();
     });
     let msg = err.to_string();
-    assert!(matches!(err, Error::Weights { .. }) && msg.contains("down_blocks.0.resnets.2"), "{msg}");
+    assert!(matches!(err, Error::Weights { .. }) && msg.contains("cannot find tensor down_blocks.0."), "{msg}");
+    assert!(!msg.contains("stack backtrace") && !msg.contains("candle_core::"), "backtrace leaked into {msg}");
     // a wrong tensor shape: the text encoder width differs from the UNet's cross-attention width
     let err = load_err(&|p| {
         let path = p.join("text_encoder/config.json");

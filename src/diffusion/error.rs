@@ -29,7 +29,7 @@ pub enum Error {
     Image(String),
     #[error("generation cancelled")]
     Cancelled,
-    #[error(transparent)]
+    #[error("{}", Error::tensor_message(.0))]
     Tensor(#[from] candle_core::Error),
 }
 
@@ -38,6 +38,15 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 impl Error {
     pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
         Error::Io { path: path.into(), source }
+    }
+
+    /// A candle error's message without the backtrace candle attaches when `RUST_BACKTRACE` is set: users get the
+    /// message, developers can still ask for the trace with `-vv`.
+    pub(crate) fn tensor_message(error: &candle_core::Error) -> String {
+        match error {
+            candle_core::Error::WithBacktrace { inner, .. } => Self::tensor_message(inner),
+            other => other.to_string(),
+        }
     }
 
     pub(crate) fn config(path: impl Into<PathBuf>, message: impl std::fmt::Display) -> Self {

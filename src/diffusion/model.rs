@@ -225,7 +225,7 @@ fn component_var_builder(
 /// Missing or mis-shaped tensors surface as tensor errors while a component is built; name the component folder.
 fn weights_error(dir: &Path, error: Error) -> Error {
     match error {
-        Error::Tensor(e) => Error::Weights { path: dir.to_path_buf(), message: e.to_string() },
+        Error::Tensor(e) => Error::Weights { path: dir.to_path_buf(), message: Error::tensor_message(&e) },
         other => other,
     }
 }

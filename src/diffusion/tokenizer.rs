@@ -212,8 +212,9 @@ mod tests {
     const ASTRONAUT: &str = "a photograph of an astronaut riding a horse";
 
     /// Prompts with punctuation, digits, apostrophes, whitespace runs, case, accents, scripts, emoji and spelled-out
-    /// special tokens, with their ids from transformers 5.23 `CLIPTokenizerFast` on models/clip-tokenizer (which
-    /// agree with `CLIPTokenizer` on vocab.json + merges.txt and with OpenAI's simple_tokenizer.py).
+    /// special tokens, with their ids from transformers 5.23 `CLIPTokenizerFast` on models/clip-tokenizer. OpenAI's
+    /// simple_tokenizer.py gives the same ids for all of them; transformers' vocab.json + merges.txt loader for all
+    /// but the upper-case `<|ENDOFTEXT|>`, which it matches case-sensitively.
     const TRANSFORMERS_IDS: &[(&str, &[u32])] = &[
         (ASTRONAUT, &[49406, 320, 8853, 539, 550, 18376, 6765, 320, 4558, 49407]),
         ("A PHOTOGRAPH OF AN ASTRONAUT RIDING A HORSE", &[49406, 320, 8853, 539, 550, 18376, 6765, 320, 4558, 49407]),

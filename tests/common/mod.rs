@@ -32,3 +32,20 @@ pub fn max_abs_diff(a: &candle_core::Tensor, b: &candle_core::Tensor) -> f32 {
     let b = b.to_dtype(candle_core::DType::F32).unwrap();
     (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap()
 }
+
+/// [`max_abs_diff`] relative to the largest magnitude in `reference`: random miniatures produce latents in the
+/// tens, so absolute float error scales with them.
+pub fn max_rel_diff(a: &candle_core::Tensor, reference: &candle_core::Tensor) -> f32 {
+    let scale = reference
+        .to_dtype(candle_core::DType::F32)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    max_abs_diff(a, reference) / scale.max(f32::MIN_POSITIVE)
+}

@@ -41,7 +41,7 @@ pub(super) fn parse_merges(text: &str) -> Result<Merges, String> {
 /// Takes `model.merges` out of a parsed tokenizer.json, leaving an empty list.
 ///
 /// `tokenizers` would otherwise build a BPE model with a word cache from them when it deserializes the document;
-/// [`without_word_cache`] replaces that model anyway, and building the merge table twice doubles the load time.
+/// [`without_word_cache`] replaces that model anyway, so building its merge table would be wasted load time.
 pub(super) fn take_json_merges(document: &mut serde_json::Value) -> Result<Merges, String> {
     let merges = document
         .get_mut("model")
@@ -88,8 +88,9 @@ pub(super) fn tokenizer_merges(tokenizer: &Tokenizer) -> Result<Merges, String> 
 ///
 /// `tokenizers` keeps, by default, a cache of up to 10,000 tokenized words per BPE model in thread-local maps that
 /// outlive the call (and even the model). Prompts must not persist in such a process-wide cache, so every model here
-/// is built with capacity 0, which skips the cache entirely. The cost is small: a 77-token prompt is a few dozen
-/// words, merged in microseconds.
+/// is built with capacity 0, which skips the cache entirely. The cost is small: measured on a 33-token prompt in a
+/// release build, encoding takes about 73 µs without the cache against 50 µs with it, nothing next to a text-encoder
+/// forward pass.
 fn cacheless_bpe(
     vocab: Vocab,
     merges: Merges,
