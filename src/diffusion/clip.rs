@@ -4,9 +4,10 @@
 use std::path::Path;
 
 use candle_core::{DType, Device, Module, Tensor};
-use candle_nn::{embedding, layer_norm, linear, linear_no_bias, Embedding, LayerNorm, Linear, VarBuilder};
+use candle_nn::{embedding, linear, linear_no_bias, Embedding, Linear, VarBuilder};
 
 use super::config::{ClipActivation, ClipTextConfig};
+use super::layers::{softmax_last_dim, LayerNorm};
 use super::{Error, Result};
 
 #[derive(Debug)]
@@ -43,7 +44,7 @@ impl ClipAttention {
         let dtype = q.dtype();
         let scores = (q.to_dtype(DType::F32)?.matmul(&k.to_dtype(DType::F32)?.t()?)? * self.scale)?;
         let scores = scores.broadcast_add(causal_mask)?;
-        let probs = candle_nn::ops::softmax_last_dim(&scores)?.to_dtype(dtype)?;
+        let probs = softmax_last_dim(&scores)?.to_dtype(dtype)?;
         let out = probs.matmul(&v)?.transpose(1, 2)?.reshape((b, n, c))?;
         Ok(self.out_proj.forward(&out)?)
     }
@@ -62,9 +63,9 @@ struct ClipLayer {
 impl ClipLayer {
     fn new(vb: VarBuilder, c: &ClipTextConfig) -> Result<Self> {
         Ok(Self {
-            layer_norm1: layer_norm(c.hidden_size, c.layer_norm_eps, vb.pp("layer_norm1"))?,
+            layer_norm1: LayerNorm::new(vb.pp("layer_norm1"), c.hidden_size, c.layer_norm_eps)?,
             self_attn: ClipAttention::new(vb.pp("self_attn"), c)?,
-            layer_norm2: layer_norm(c.hidden_size, c.layer_norm_eps, vb.pp("layer_norm2"))?,
+            layer_norm2: LayerNorm::new(vb.pp("layer_norm2"), c.hidden_size, c.layer_norm_eps)?,
             fc1: linear(c.hidden_size, c.intermediate_size, vb.pp("mlp").pp("fc1"))?,
             fc2: linear(c.intermediate_size, c.hidden_size, vb.pp("mlp").pp("fc2"))?,
             activation: c.hidden_act,
@@ -130,7 +131,7 @@ impl ClipTextModel {
                 emb.pp("position_embedding"),
             )?,
             layers,
-            final_layer_norm: layer_norm(config.hidden_size, config.layer_norm_eps, text.pp("final_layer_norm"))?,
+            final_layer_norm: LayerNorm::new(text.pp("final_layer_norm"), config.hidden_size, config.layer_norm_eps)?,
             text_projection,
             config,
         })

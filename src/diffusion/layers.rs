@@ -4,6 +4,46 @@
 use candle_core::{DType, Module, Tensor, D};
 use candle_nn::{conv2d, group_norm, linear, linear_no_bias, Conv2d, Conv2dConfig, GroupNorm, Linear, VarBuilder};
 
+/// Softmax over the last dimension: candle's fused kernel for inference, the differentiable composition while
+/// gradients are tracked (training the embedded model), since the fused kernel has no backward pass.
+pub fn softmax_last_dim(xs: &Tensor) -> Result<Tensor> {
+    if xs.track_op() {
+        Ok(candle_nn::ops::softmax(xs, D::Minus1)?)
+    } else {
+        Ok(candle_nn::ops::softmax_last_dim(xs)?)
+    }
+}
+
+/// Layer norm with weight and bias (`torch.nn.LayerNorm`), fused for inference and differentiable in training.
+#[derive(Debug, Clone)]
+pub struct LayerNorm {
+    weight: Tensor,
+    bias: Tensor,
+    eps: f64,
+}
+
+impl LayerNorm {
+    pub fn new(vb: VarBuilder, size: usize, eps: f64) -> Result<Self> {
+        Ok(Self {
+            weight: vb.get_with_hints(size, "weight", candle_nn::Init::Const(1.0))?,
+            bias: vb.get_with_hints(size, "bias", candle_nn::Init::Const(0.0))?,
+            eps,
+        })
+    }
+
+    pub fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        if !xs.track_op() && !self.weight.track_op() && xs.is_contiguous() {
+            return Ok(candle_nn::ops::layer_norm(xs, &self.weight, &self.bias, self.eps as f32)?);
+        }
+        let dtype = xs.dtype();
+        let xs = xs.to_dtype(DType::F32)?;
+        let centered = xs.broadcast_sub(&xs.mean_keepdim(D::Minus1)?)?;
+        let variance = centered.sqr()?.mean_keepdim(D::Minus1)?;
+        let normed = centered.broadcast_div(&(variance + self.eps)?.sqrt()?)?.to_dtype(dtype)?;
+        Ok(normed.broadcast_mul(&self.weight)?.broadcast_add(&self.bias)?)
+    }
+}
+
 use super::Result;
 
 /// `diffusers.models.resnet.ResnetBlock2D`: two 3×3 convolutions with group norm and SiLU, an optional timestep
@@ -185,7 +225,7 @@ impl Attention {
             (q.clone(), k.clone())
         };
         let scores = (q.matmul(&k.t()?)? * self.scale)?;
-        let probs = candle_nn::ops::softmax_last_dim(&scores)?.to_dtype(dtype)?;
+        let probs = softmax_last_dim(&scores)?.to_dtype(dtype)?;
         Ok(probs.matmul(v)?)
     }
 
@@ -257,6 +297,25 @@ mod tests {
                 assert!((g - w).abs() < 1e-4, "{emb:?}");
             }
         }
+    }
+
+    #[test]
+    fn training_paths_equal_the_fused_inference_kernels() {
+        let dev = Device::Cpu;
+        let xs = Tensor::randn(0f32, 2.0, (2, 5, 8), &dev).unwrap();
+        let tracked = candle_core::Var::from_tensor(&xs).unwrap();
+        let fused = softmax_last_dim(&xs).unwrap();
+        let composed = softmax_last_dim(tracked.as_tensor()).unwrap();
+        assert!(max_diff(&fused, &composed) < 1e-6);
+
+        let vm = candle_nn::VarMap::new();
+        let norm = LayerNorm::new(VarBuilder::from_varmap(&vm, DType::F32, &dev), 8, 1e-5).unwrap();
+        let inference = LayerNorm { weight: norm.weight.detach(), bias: norm.bias.detach(), eps: 1e-5 };
+        assert!(max_diff(&inference.forward(&xs).unwrap(), &norm.forward(tracked.as_tensor()).unwrap()) < 1e-5);
+    }
+
+    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+        (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap()
     }
 
     #[test]

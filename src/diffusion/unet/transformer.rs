@@ -2,9 +2,9 @@
 //! sequence of tokens that attend to each other and to the text embedding.
 
 use candle_core::{Module, Tensor};
-use candle_nn::{conv2d, group_norm, layer_norm, linear, Conv2d, GroupNorm, LayerNorm, Linear, VarBuilder};
+use candle_nn::{conv2d, group_norm, linear, Conv2d, GroupNorm, Linear, VarBuilder};
 
-use crate::diffusion::layers::{Attention, AttentionConfig};
+use crate::diffusion::layers::{Attention, AttentionConfig, LayerNorm};
 use crate::diffusion::Result;
 
 /// Shape parameters of a [`Transformer2D`].
@@ -83,11 +83,11 @@ impl TransformerBlock {
             upcast: cfg.upcast_attention,
         };
         Ok(Self {
-            norm1: layer_norm(cfg.channels, 1e-5, vb.pp("norm1"))?,
+            norm1: LayerNorm::new(vb.pp("norm1"), cfg.channels, 1e-5)?,
             attn1: Attention::new(vb.pp("attn1"), attn(None))?,
-            norm2: layer_norm(cfg.channels, 1e-5, vb.pp("norm2"))?,
+            norm2: LayerNorm::new(vb.pp("norm2"), cfg.channels, 1e-5)?,
             attn2: Attention::new(vb.pp("attn2"), attn(Some(cfg.context_dim)))?,
-            norm3: layer_norm(cfg.channels, 1e-5, vb.pp("norm3"))?,
+            norm3: LayerNorm::new(vb.pp("norm3"), cfg.channels, 1e-5)?,
             ff: FeedForward::new(vb.pp("ff"), cfg.channels)?,
         })
     }
