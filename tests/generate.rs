@@ -28,7 +28,7 @@ fn run(model: &DiffusionModel, req: GenerateRequest) -> Generated {
 
 #[test]
 fn every_family_generates_deterministic_images_of_the_requested_size() {
-    for family in TinyFamily::ALL {
+    for family in TinyFamily::ALL.into_iter().filter(|f| !f.is_inpaint()) {
         let model = load(&tiny_model_dir(family));
         let a = run(&model, request(7));
         let b = run(&model, request(7));

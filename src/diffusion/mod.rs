@@ -16,6 +16,8 @@ pub mod unet;
 pub mod vae;
 mod weights;
 
+pub mod edit;
 pub mod hub;
 pub mod image_io;
+pub mod input;
 pub mod tiny;

@@ -7,7 +7,7 @@ use serde::Serialize;
 
 use super::model::{Architecture, DiffusionModel, TextConditioning};
 use super::noise::NoiseSource;
-use super::schedulers::{self, SchedulerKind, StepNoise};
+use super::schedulers::{self, Scheduler, SchedulerKind, StepNoise};
 use super::unet::TextTimeConditioning;
 use super::{Error, Result};
 
@@ -147,6 +147,8 @@ impl DiffusionModel {
     }
 
     /// Generates `params.batch` images from seeded noise.
+    ///
+    /// Inpainting models (9-channel UNets) need an image and a mask: use [`DiffusionModel::edit`].
     pub fn generate(
         &self,
         params: &GenerateParams,
@@ -164,7 +166,7 @@ impl DiffusionModel {
         (p.batch, self.vae.config().latent_channels, p.height / f, p.width / f)
     }
 
-    /// The denoising loop from given initial noise; `step_noise` feeds ancestral schedulers.
+    /// Text-to-image from given initial noise; `step_noise` feeds ancestral schedulers.
     pub fn generate_from_noise(
         &self,
         params: &GenerateParams,
@@ -173,19 +175,44 @@ impl DiffusionModel {
         on_step: &mut dyn FnMut(StepProgress) -> bool,
     ) -> Result<Generated> {
         self.validate(params)?;
-        let expected = self.latent_shape(params);
-        if initial_noise.dims4()? != expected {
+        let channels = self.unet.config().in_channels;
+        if channels != self.vae.config().latent_channels {
             return Err(Error::InvalidRequest(format!(
-                "initial noise {:?} but expected {expected:?}",
-                initial_noise.shape()
+                "this UNet takes {channels} input channels (an inpainting model): give an image and a mask"
             )));
         }
-        let initial_noise = initial_noise.to_dtype(DType::F32)?.to_device(&self.device)?;
-        let guided = params.guidance > 1.0;
+        let initial_noise = self.check_noise(params, initial_noise)?;
         let mut timings = StageTimings::default();
 
-        // 1. text conditioning; with guidance, the unconditional half goes first
         let started = Instant::now();
+        let text = self.prepare_text(params)?;
+        timings.text_encode = started.elapsed();
+
+        let started = Instant::now();
+        let mut scheduler = schedulers::build(params.scheduler, &self.scheduler_config, params.steps)?;
+        let latents = (&initial_noise * scheduler.init_noise_sigma())?;
+        let start = DenoiseStart { latents, first_step: 0, inpaint: None };
+        let final_latents = self.denoise(params, scheduler.as_mut(), &text, start, step_noise, on_step)?;
+        timings.denoise = started.elapsed();
+
+        let started = Instant::now();
+        let images = to_u8_pixels(&self.decode(&final_latents)?)?;
+        timings.vae_decode = started.elapsed();
+        Ok(Generated { images, initial_noise, final_latents, truncated_tokens: text.truncated_tokens, timings })
+    }
+
+    /// Checks the shape of caller-provided noise and moves it to the model's device as f32.
+    pub(crate) fn check_noise(&self, params: &GenerateParams, noise: Tensor) -> Result<Tensor> {
+        let expected = self.latent_shape(params);
+        if noise.dims4()? != expected {
+            return Err(Error::InvalidRequest(format!("initial noise {:?} but expected {expected:?}", noise.shape())));
+        }
+        Ok(noise.to_dtype(DType::F32)?.to_device(&self.device)?)
+    }
+
+    /// Text conditioning for the whole batch; with guidance, the unconditional half goes first.
+    pub(crate) fn prepare_text(&self, params: &GenerateParams) -> Result<PreparedText> {
+        let guided = params.guidance > 1.0;
         let cond = self.encode_prompt(&params.prompt, params.batch, false)?;
         let TextConditioning { context, pooled, truncated_tokens } = if guided {
             let uncond = self.encode_prompt(&params.negative_prompt, params.batch, true)?;
@@ -203,49 +230,103 @@ impl DiffusionModel {
         };
         let context = context.to_dtype(self.dtype)?;
         let rows = context.dim(0)?;
-        // 2. SDXL micro-conditioning: original size = target size = the requested size, no crop
+        // SDXL micro-conditioning: original size = target size = the requested size, no crop.
         let added = match (self.architecture, pooled) {
             (Architecture::StableDiffusionXl, Some(pooled)) => {
                 let (h, w) = (params.height as f32, params.width as f32);
                 let ids: Vec<f32> = (0..rows).flat_map(|_| [h, w, 0.0, 0.0, h, w]).collect();
                 Some(TextTimeConditioning {
-                    text_embeds: pooled,
+                    text_embeds: pooled.to_dtype(self.dtype)?,
                     time_ids: Tensor::from_vec(ids, (rows, 6), &self.device)?,
                 })
             }
             _ => None,
         };
-        timings.text_encode = started.elapsed();
+        Ok(PreparedText { context, added, guided, truncated_tokens })
+    }
 
-        // 3. schedule and starting latents
-        let started = Instant::now();
-        let mut scheduler = schedulers::build(params.scheduler, &self.scheduler_config, params.steps)?;
+    /// The denoising loop shared by text-to-image, image-to-image and both kinds of inpainting.
+    pub(crate) fn denoise(
+        &self,
+        params: &GenerateParams,
+        scheduler: &mut dyn Scheduler,
+        text: &PreparedText,
+        start: DenoiseStart,
+        step_noise: &mut dyn StepNoise,
+        on_step: &mut dyn FnMut(StepProgress) -> bool,
+    ) -> Result<Tensor> {
         let timesteps = scheduler.timesteps().to_vec();
-        let mut latents = (&initial_noise * scheduler.init_noise_sigma())?;
-
-        // 4. denoise
-        for (i, &t) in timesteps.iter().enumerate() {
-            let input = if guided { Tensor::cat(&[&latents, &latents], 0)? } else { latents.clone() };
-            let input = scheduler.scale_model_input(&input, i)?.to_dtype(self.dtype)?;
-            let prediction = self.unet.forward(&input, t, &context, added.as_ref())?.to_dtype(DType::F32)?;
-            let prediction = if guided {
+        let total = timesteps.len() - start.first_step.min(timesteps.len());
+        let mut latents = start.latents;
+        for (i, &t) in timesteps.iter().enumerate().skip(start.first_step) {
+            // 1. model input: doubled for guidance, scaled by the scheduler, inpaint channels appended
+            let input = if text.guided { Tensor::cat(&[&latents, &latents], 0)? } else { latents.clone() };
+            let mut input = scheduler.scale_model_input(&input, i)?;
+            if let Some(InpaintInputs::Channels { mask, masked_image_latents }) = &start.inpaint {
+                let extra = Tensor::cat(&[mask, masked_image_latents], 1)?;
+                let extra = if text.guided { Tensor::cat(&[&extra, &extra], 0)? } else { extra };
+                input = Tensor::cat(&[&input, &extra], 1)?;
+            }
+            // 2. predict noise (or v), then apply guidance
+            let prediction = self
+                .unet
+                .forward(&input.to_dtype(self.dtype)?, t, &text.context, text.added.as_ref())?
+                .to_dtype(DType::F32)?;
+            let prediction = if text.guided {
                 let halves = prediction.chunk(2, 0)?;
                 (&halves[0] + ((&halves[1] - &halves[0])? * params.guidance)?)?
             } else {
                 prediction
             };
+            // 3. scheduler step
             latents = scheduler.step(&prediction, i, &latents, step_noise)?;
-            if !on_step(StepProgress { step: i + 1, total: timesteps.len() }) {
+            // 4. regular models inpaint by restoring the unmasked region, noised to the next step's level
+            if let Some(InpaintInputs::Blend { mask, image_latents, noise }) = &start.inpaint {
+                let original = if i + 1 < timesteps.len() {
+                    scheduler.add_noise(image_latents, noise, i + 1)?
+                } else {
+                    image_latents.clone()
+                };
+                latents = (original.broadcast_mul(&mask.affine(-1.0, 1.0)?)? + latents.broadcast_mul(mask)?)?;
+            }
+            // 5. report progress; the caller may cancel
+            if !on_step(StepProgress { step: i + 1 - start.first_step, total }) {
                 return Err(Error::Cancelled);
             }
         }
-        timings.denoise = started.elapsed();
-
-        // 5. decode to pixels
-        let started = Instant::now();
-        let decoded = self.vae.decode(&latents.to_dtype(self.vae_dtype)?)?.to_dtype(DType::F32)?;
-        let images = ((decoded * 0.5)? + 0.5)?.clamp(0f32, 1f32)?.affine(255.0, 0.0)?.round()?.to_dtype(DType::U8)?;
-        timings.vae_decode = started.elapsed();
-        Ok(Generated { images, initial_noise, final_latents: latents, truncated_tokens, timings })
+        Ok(latents)
     }
+
+    /// Scaled latents → images in [-1, 1], (batch, 3, h, w), f32.
+    pub(crate) fn decode(&self, latents: &Tensor) -> Result<Tensor> {
+        Ok(self.vae.decode(&latents.to_dtype(self.vae_dtype)?)?.to_dtype(DType::F32)?)
+    }
+}
+
+/// The text side of a generation, computed once per call.
+pub(crate) struct PreparedText {
+    pub context: Tensor,
+    pub added: Option<TextTimeConditioning>,
+    pub guided: bool,
+    pub truncated_tokens: usize,
+}
+
+/// What an inpainting run adds to the loop.
+pub(crate) enum InpaintInputs {
+    /// Dedicated inpainting UNets (9 input channels) read the mask and the masked image's latents.
+    Channels { mask: Tensor, masked_image_latents: Tensor },
+    /// Regular UNets: after each step the unmasked region is reset to the original, noised to the next level.
+    Blend { mask: Tensor, image_latents: Tensor, noise: Tensor },
+}
+
+/// Where the loop starts: the latents, the first step index (img2img skips the first ones), and inpainting.
+pub(crate) struct DenoiseStart {
+    pub latents: Tensor,
+    pub first_step: usize,
+    pub inpaint: Option<InpaintInputs>,
+}
+
+/// Images in [-1, 1] → u8 pixels, rounding as diffusers' PIL conversion does.
+pub(crate) fn to_u8_pixels(images: &Tensor) -> Result<Tensor> {
+    Ok(((images * 0.5)? + 0.5)?.clamp(0f32, 1f32)?.affine(255.0, 0.0)?.round()?.to_dtype(DType::U8)?)
 }

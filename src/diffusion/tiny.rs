@@ -35,11 +35,22 @@ pub enum TinyFamily {
     SdTurbo,
     Sdxl,
     SdxlTurbo,
+    /// SD 1.5 inpainting: a 9-channel UNet (latents + mask + masked-image latents).
+    Sd15Inpaint,
+    /// SDXL inpainting, 9 channels.
+    SdxlInpaint,
 }
 
 impl TinyFamily {
-    pub const ALL: [TinyFamily; 5] =
-        [TinyFamily::Sd15, TinyFamily::Sd21, TinyFamily::SdTurbo, TinyFamily::Sdxl, TinyFamily::SdxlTurbo];
+    pub const ALL: [TinyFamily; 7] = [
+        TinyFamily::Sd15,
+        TinyFamily::Sd21,
+        TinyFamily::SdTurbo,
+        TinyFamily::Sdxl,
+        TinyFamily::SdxlTurbo,
+        TinyFamily::Sd15Inpaint,
+        TinyFamily::SdxlInpaint,
+    ];
 
     pub fn name(self) -> &'static str {
         match self {
@@ -48,16 +59,22 @@ impl TinyFamily {
             TinyFamily::SdTurbo => "sd-turbo",
             TinyFamily::Sdxl => "sdxl",
             TinyFamily::SdxlTurbo => "sdxl-turbo",
+            TinyFamily::Sd15Inpaint => "sd15-inpaint",
+            TinyFamily::SdxlInpaint => "sdxl-inpaint",
         }
     }
 
     fn is_xl(self) -> bool {
-        matches!(self, TinyFamily::Sdxl | TinyFamily::SdxlTurbo)
+        matches!(self, TinyFamily::Sdxl | TinyFamily::SdxlTurbo | TinyFamily::SdxlInpaint)
+    }
+
+    pub fn is_inpaint(self) -> bool {
+        matches!(self, TinyFamily::Sd15Inpaint | TinyFamily::SdxlInpaint)
     }
 
     /// SD 2.x and SDXL use OpenCLIP encoders (GELU, "!" padding, linear projections in the UNet).
     fn is_open_clip(self) -> bool {
-        !matches!(self, TinyFamily::Sd15)
+        !matches!(self, TinyFamily::Sd15 | TinyFamily::Sd15Inpaint)
     }
 }
 
@@ -71,7 +88,8 @@ impl FromStr for TinyFamily {
     type Err = Error;
     fn from_str(s: &str) -> Result<Self> {
         TinyFamily::ALL.into_iter().find(|f| f.name() == s).ok_or_else(|| {
-            Error::InvalidRequest(format!("unknown family {s:?} (known: sd15, sd21, sd-turbo, sdxl, sdxl-turbo)"))
+            let known: Vec<&str> = TinyFamily::ALL.iter().map(|f| f.name()).collect();
+            Error::InvalidRequest(format!("unknown family {s:?} (known: {})", known.join(", ")))
         })
     }
 }
@@ -221,7 +239,7 @@ fn unet_config(family: TinyFamily) -> UNetConfig {
     let xl = family.is_xl();
     let s = |v: &[&str]| v.iter().map(|x| x.to_string()).collect::<Vec<_>>();
     UNetConfig {
-        in_channels: 4,
+        in_channels: if family.is_inpaint() { 9 } else { 4 },
         out_channels: 4,
         block_out_channels: vec![32, 64],
         down_block_types: if xl {
@@ -285,14 +303,16 @@ fn scheduler_config(family: TinyFamily) -> Value {
         "set_alpha_to_one": false
     });
     let specific = match family {
-        TinyFamily::Sd15 => {
+        TinyFamily::Sd15 | TinyFamily::Sd15Inpaint => {
             json!({"_class_name": "PNDMScheduler", "skip_prk_steps": true, "prediction_type": "epsilon"})
         }
         TinyFamily::Sd21 => json!({"_class_name": "DDIMScheduler", "prediction_type": "v_prediction"}),
         TinyFamily::SdTurbo => json!({"_class_name": "EulerDiscreteScheduler", "prediction_type": "epsilon",
             "timestep_spacing": "trailing", "interpolation_type": "linear", "use_karras_sigmas": false}),
-        TinyFamily::Sdxl => json!({"_class_name": "EulerDiscreteScheduler", "prediction_type": "epsilon",
-            "timestep_spacing": "leading", "interpolation_type": "linear", "use_karras_sigmas": false}),
+        TinyFamily::Sdxl | TinyFamily::SdxlInpaint => {
+            json!({"_class_name": "EulerDiscreteScheduler", "prediction_type": "epsilon",
+            "timestep_spacing": "leading", "interpolation_type": "linear", "use_karras_sigmas": false})
+        }
         TinyFamily::SdxlTurbo => json!({"_class_name": "EulerAncestralDiscreteScheduler",
             "prediction_type": "epsilon", "timestep_spacing": "trailing"}),
     };
@@ -361,14 +381,17 @@ pub fn write_tiny_model(out: &Path, options: TinyOptions) -> Result<()> {
         "vae": ["diffusers", "AutoencoderKL"],
     });
     if family.is_xl() {
-        index["_class_name"] = json!("StableDiffusionXLPipeline");
+        let class = if family.is_inpaint() { "StableDiffusionXLInpaintPipeline" } else { "StableDiffusionXLPipeline" };
+        index["_class_name"] = json!(class);
+        index["requires_aesthetics_score"] = json!(false);
         index["text_encoder_2"] = json!(["transformers", "CLIPTextModelWithProjection"]);
         index["tokenizer_2"] = json!(["transformers", "CLIPTokenizer"]);
         index["force_zeros_for_empty_prompt"] = json!(true);
         index["feature_extractor"] = json!([null, null]);
         index["image_encoder"] = json!([null, null]);
     } else {
-        index["_class_name"] = json!("StableDiffusionPipeline");
+        let class = if family.is_inpaint() { "StableDiffusionInpaintPipeline" } else { "StableDiffusionPipeline" };
+        index["_class_name"] = json!(class);
         index["safety_checker"] = json!([null, null]);
         index["feature_extractor"] = json!([null, null]);
         index["image_encoder"] = json!([null, null]);

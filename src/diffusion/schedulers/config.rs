@@ -165,7 +165,7 @@ impl SchedulerConfig {
     /// `num_train_timesteps`, defaulting to 1000 and checked to be usable.
     pub fn train_timesteps(&self) -> Result<usize> {
         let n = self.num_train_timesteps.unwrap_or(1000);
-        if n < 2 || n > MAX_TRAIN_TIMESTEPS {
+        if !(2..=MAX_TRAIN_TIMESTEPS).contains(&n) {
             return Err(self.invalid(format!("num_train_timesteps {n} is outside 2..={MAX_TRAIN_TIMESTEPS}")));
         }
         Ok(n)

@@ -240,9 +240,9 @@ mod tests {
         assert_eq!(acp.len(), 1000);
         // diffusers 0.42.1 (float32): alphas_cumprod[0] = 0.9991499781608582, [999] = 0.00466009508818388,
         // largest sigma 14.614646911621094. Bit-identical, since the table is built the same way.
-        assert_eq!(acp[0], 0.999_149_978_160_858_2_f32);
-        assert_eq!(acp[999], 0.004_660_095_088_183_88_f32);
-        assert_eq!(training_sigmas(&acp)[999], 14.614_646_911_621_094_f32);
+        assert_eq!(acp[0] as f64, 0.999_149_978_160_858_2);
+        assert_eq!(acp[999] as f64, 0.004_660_095_088_183_88);
+        assert_eq!(training_sigmas(&acp)[999] as f64, 14.614_646_911_621_094);
     }
 
     #[test]
