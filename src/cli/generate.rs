@@ -15,6 +15,13 @@ use super::device::{parse_device, parse_dtype};
 
 #[derive(Debug, Args)]
 pub struct GenerateArgs {
+    #[command(flatten)]
+    pub common: GenerationArgs,
+}
+
+/// Options shared by `generate` and `edit`.
+#[derive(Debug, Args)]
+pub struct GenerationArgs {
     /// What to draw.
     pub prompt: String,
     /// Output PNG; with --batch N, files are numbered (out-0.png, out-1.png, …).
@@ -40,7 +47,7 @@ pub struct GenerateArgs {
     pub size: Option<(usize, usize)>,
     /// ddim, euler, euler-a, dpm++2m or dpm++2m-karras (model default when omitted).
     #[arg(long)]
-    pub scheduler: Option<String>,
+    pub scheduler: Option<SchedulerKind>,
     /// Images per prompt; image i uses seed + i.
     #[arg(long, default_value_t = 1)]
     pub batch: usize,
@@ -65,6 +72,21 @@ pub fn parse_size(s: &str) -> Result<(usize, usize), String> {
 }
 
 pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
+    let args = args.common;
+    let (model, spec) = load_model(&args)?;
+    let params = model.params(request(&args, None))?;
+    let bar = progress_bar(params.steps);
+    let generated = model.generate(&params, &mut |p| {
+        bar.set_length(p.total as u64);
+        bar.set_position(p.step as u64);
+        true
+    })?;
+    bar.finish_and_clear();
+    finish(&args, &spec, &params, &generated, &[])
+}
+
+/// Resolves `--model` (a folder or hub repo id) and loads it on the requested device.
+pub fn load_model(args: &GenerationArgs) -> anyhow::Result<(DiffusionModel, String)> {
     let device = parse_device(&args.device)?;
     let dtype = parse_dtype(args.dtype.as_deref(), &device)?;
     let Some(spec) = args.model.clone() else {
@@ -74,46 +96,55 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
     let root = resolve_model(&spec, &hub)?;
     let model = DiffusionModel::load(&root, &LoadOptions { device, dtype })
         .with_context(|| format!("loading {}", root.display()))?;
+    Ok((model, spec))
+}
 
-    let scheduler = args.scheduler.as_deref().map(str::parse::<SchedulerKind>).transpose()?;
-    let seed = args.seed.unwrap_or_else(random_seed);
-    let params = model.params(GenerateRequest {
+/// The request the flags describe; `size` overrides `--size` (edits derive it from the input image).
+pub fn request(args: &GenerationArgs, size: Option<(usize, usize)>) -> GenerateRequest {
+    GenerateRequest {
         prompt: args.prompt.clone(),
         negative_prompt: args.negative.clone(),
-        size: args.size,
+        size: args.size.or(size),
         steps: args.steps,
         guidance: args.guidance,
-        seed,
-        scheduler,
+        seed: args.seed.unwrap_or_else(random_seed),
+        scheduler: args.scheduler,
         batch: args.batch,
-    })?;
+    }
+}
 
-    let bar = ProgressBar::new(params.steps as u64);
+pub fn progress_bar(steps: usize) -> ProgressBar {
+    let bar = ProgressBar::new(steps as u64);
     bar.set_style(
         ProgressStyle::with_template("{spinner} step {pos}/{len} [{bar:30}] {elapsed_precise} ({per_sec})")
             .unwrap_or_else(|_| ProgressStyle::default_bar())
             .progress_chars("=> "),
     );
-    let generated = model.generate(&params, &mut |p| {
-        bar.set_length(p.total as u64);
-        bar.set_position(p.step as u64);
-        true
-    })?;
-    bar.finish_and_clear();
+    bar
+}
+
+/// Writes the images (and latents), then reports files and timings.
+pub fn finish(
+    args: &GenerationArgs,
+    model: &str,
+    params: &GenerateParams,
+    generated: &Generated,
+    extra_text: &[(&str, String)],
+) -> anyhow::Result<()> {
     if generated.truncated_tokens > 0 {
         eprintln!("note: the prompt was longer than 77 tokens; the last {} were ignored", generated.truncated_tokens);
     }
-
-    let paths = write_images(&args, &spec, &params, &generated)?;
+    let paths = write_images(args, model, params, generated, extra_text)?;
     if let Some(dir) = &args.dump_latents {
-        dump_latents(dir, &generated)?;
+        dump_latents(dir, generated)?;
     }
-    let t = &generated.timings;
     for path in &paths {
         println!("{}", path.display());
     }
+    let t = &generated.timings;
     eprintln!(
-        "seed {seed}, {} steps, {} scheduler, {}x{}: text {:.2?}, denoise {:.2?}, decode {:.2?}",
+        "seed {}, {} steps, {} scheduler, {}x{}: text {:.2?}, denoise {:.2?}, decode {:.2?}",
+        params.seed,
         params.steps,
         params.scheduler.name(),
         params.width,
@@ -140,10 +171,11 @@ fn output_path(base: &Path, index: usize, batch: usize) -> PathBuf {
 }
 
 fn write_images(
-    args: &GenerateArgs,
+    args: &GenerationArgs,
     model: &str,
     params: &GenerateParams,
     generated: &Generated,
+    extra_text: &[(&str, String)],
 ) -> anyhow::Result<Vec<PathBuf>> {
     let images = tensor_to_images(&generated.images)?;
     let mut paths = Vec::with_capacity(images.len());
@@ -162,6 +194,9 @@ fn write_images(
                 ("model", model.to_string()),
                 ("software", format!("imago {}", env!("CARGO_PKG_VERSION"))),
             ]
+            .into_iter()
+            .chain(extra_text.iter().cloned())
+            .collect()
         };
         let path = output_path(&args.output, i, images.len());
         let bytes = encode_png(image, &text)?;

@@ -2,6 +2,7 @@
 
 mod dev;
 mod device;
+mod edit;
 mod generate;
 mod models;
 
@@ -22,6 +23,8 @@ pub struct Cli {
 pub enum Command {
     /// Generate images from a text prompt.
     Generate(generate::GenerateArgs),
+    /// Edit an image: image-to-image, or inpainting with a mask.
+    Edit(edit::EditArgs),
     /// List installed models and where weights are looked for.
     Models(models::ModelsArgs),
     /// Developer tools.
@@ -32,6 +35,7 @@ pub enum Command {
 pub fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Generate(args) => generate::run(args),
+        Command::Edit(args) => edit::run(args),
         Command::Models(args) => models::run(args),
         Command::Dev(cmd) => dev::run(cmd),
     }
