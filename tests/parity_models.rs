@@ -114,7 +114,7 @@ fn check_vae(family: TinyFamily, model: &DiffusionModel, r: &Reference, worst: &
     check(family, "vae encode mean", &encoded.mean, r.get("vae/encoded_mean"), worst);
 }
 
-fn check_txt2img(family: TinyFamily, model: &DiffusionModel, r: &Reference, worst: &mut f32) {
+fn check_txt2img(family: TinyFamily, model: &DiffusionModel, r: &Reference) {
     let s = &r.settings;
     let params = GenerateParams {
         prompt: s.prompt.clone(),
@@ -151,7 +151,7 @@ fn parity(family: TinyFamily) {
     check_prompt_embeddings(family, &model, &r, &mut worst);
     check_unet(family, &model, &r, &mut worst);
     check_vae(family, &model, &r, &mut worst);
-    check_txt2img(family, &model, &r, &mut worst);
+    check_txt2img(family, &model, &r);
     println!("{family}: max abs error vs diffusers {worst:e}");
 }
 

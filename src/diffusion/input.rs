@@ -222,7 +222,7 @@ mod tests {
         assert_eq!(cover_crop((400, 200), (100, 100)), (100, 0, 200, 200));
         assert_eq!(cover_crop((200, 400), (100, 100)), (0, 100, 200, 200));
         assert_eq!(cover_crop((300, 300), (64, 32)), (0, 75, 300, 150));
-        let img = RgbImage::from_fn(400, 200, |x, _| image::Rgb([if x < 100 || x >= 300 { 255 } else { 0 }, 0, 0]));
+        let img = RgbImage::from_fn(400, 200, |x, _| image::Rgb([if (100..300).contains(&x) { 0 } else { 255 }, 0, 0]));
         let fitted = fit_image(&img, 64, 64);
         assert_eq!(fitted.dimensions(), (64, 64));
         assert!(fitted.pixels().all(|p| p.0[0] < 8), "the red side bands must be cropped away");
