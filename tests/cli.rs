@@ -1,0 +1,71 @@
+//! The `imago` binary as a user runs it: files written, metadata, latents dump, and failures that exit non-zero
+//! with a message naming the problem.
+
+use std::path::Path;
+use std::process::Command;
+
+fn imago(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_imago")).args(args).output().expect("run imago")
+}
+
+fn png_text(path: &Path) -> Vec<(String, String)> {
+    let reader = png::Decoder::new(std::io::BufReader::new(std::fs::File::open(path).unwrap())).read_info().unwrap();
+    reader.info().utf8_text.iter().map(|c| (c.keyword.clone(), c.get_text().unwrap())).collect()
+}
+
+#[test]
+fn tiny_model_then_generate_writes_a_png_with_parameters_and_latents() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("sd15");
+    let out = imago(&["dev", "tiny-model", "--family", "sd15", model.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+
+    let png = dir.path().join("out.png");
+    let latents = dir.path().join("latents");
+    let args = ["generate", "a blue square", "--model", model.to_str().unwrap(), "-o", png.to_str().unwrap()];
+    let out =
+        imago(&[&args[..], &["--steps", "2", "--seed", "5", "--dump-latents", latents.to_str().unwrap()]].concat());
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), png.to_str().unwrap());
+
+    let image = image::open(&png).unwrap();
+    assert_eq!((image.width(), image.height()), (64, 64));
+    let text = png_text(&png);
+    assert!(text.contains(&("prompt".into(), "a blue square".into())), "{text:?}");
+    assert!(text.contains(&("seed".into(), "5".into())), "{text:?}");
+    assert!(text.contains(&("steps".into(), "2".into())), "{text:?}");
+    let dumped =
+        candle_core::safetensors::load(latents.join("latents.safetensors"), &candle_core::Device::Cpu).unwrap();
+    assert_eq!(dumped["initial_noise"].dims(), &[1, 4, 8, 8]);
+    assert_eq!(dumped["final_latents"].dims(), &[1, 4, 8, 8]);
+
+    let bare = dir.path().join("bare.png");
+    let out =
+        imago(&["generate", "x", "--model", model.to_str().unwrap(), "-o", bare.to_str().unwrap(), "--no-metadata"]);
+    assert!(out.status.success());
+    assert!(png_text(&bare).is_empty(), "--no-metadata must leave no text chunks");
+}
+
+#[test]
+fn bad_input_exits_non_zero_naming_the_problem() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("m");
+    assert!(imago(&["dev", "tiny-model", "--family", "sd-turbo", model.to_str().unwrap()]).status.success());
+    let m = model.to_str().unwrap();
+    let cases: &[(&[&str], &str)] = &[
+        (&["generate", "x", "--model", m, "--size", "60x64"], "width 60 is not a positive multiple of 8"),
+        (&["generate", "x", "--model", m, "--steps", "0"], "steps 0"),
+        (&["generate", "x", "--model", m, "--scheduler", "plms"], "unknown scheduler"),
+        (&["generate", "x", "--model", "/nonexistent/folder"], "not a folder with model_index.json"),
+        (&["generate", "x", "--model", m, "--device", "tpu"], "unknown device"),
+        (&["dev", "tiny-model", "--family", "sd9", "/tmp/never"], "unknown family"),
+        (&["edit", "--image", "/nonexistent.png", "x", "--model", m], "/nonexistent.png"),
+    ];
+    for (args, expected) in cases {
+        let out = imago(args);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{args:?} succeeded");
+        assert!(stderr.contains(expected), "{args:?}: {stderr}");
+        assert!(!stderr.contains("panicked"), "{args:?} panicked: {stderr}");
+    }
+}
