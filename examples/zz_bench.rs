@@ -80,8 +80,10 @@ fn main() -> anyhow::Result<()> {
             let out = unet.forward(&x, 500.0, &ctx, None)?;
             let t1 = t0.elapsed();
             let loss = (out - &x)?.sqr()?.mean_all()?;
-            opt.backward_step(&loss)?;
-            println!("step {i}: fwd {:?} total {:?}", t1, t0.elapsed());
+            let g = loss.backward()?;
+            let t2 = t0.elapsed();
+            opt.step(&g)?;
+            println!("step {i}: fwd {:?} bwd {:?} total {:?}", t1, t2, t0.elapsed());
         }
     } else {
         let n = ch.len();
@@ -115,8 +117,10 @@ fn main() -> anyhow::Result<()> {
             let out = vae.decode(&z)?;
             let t1 = t0.elapsed();
             let loss = (out - &x)?.sqr()?.mean_all()?;
-            opt.backward_step(&loss)?;
-            println!("step {i}: fwd {:?} total {:?}", t1, t0.elapsed());
+            let g = loss.backward()?;
+            let t2 = t0.elapsed();
+            opt.step(&g)?;
+            println!("step {i}: fwd {:?} bwd {:?} total {:?}", t1, t2, t0.elapsed());
         }
     }
     let _ = Var::zeros(1, DType::F32, &dev);

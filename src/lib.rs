@@ -3,5 +3,13 @@
 //! Rooms, with one-way dependencies:
 //! - [`diffusion`]: models loaded from diffusers folders, schedulers, tokenizer and the text-to-image pipeline.
 //!   It knows nothing about queues or jobs and is testable on its own.
+//! - [`job`]: the wire protocol (versioned JSON job and result messages) and validation; the shared vocabulary.
+//! - [`engine`]: runs validated jobs on loaded models: model cache, inputs, cancellation, deadlines. No NATS.
+//! - [`queue`]: the NATS JetStream transport: streams, the pull loop, results, progress, cancel, dead letters.
+//!
+//! Dependencies point one way: `queue` → `engine` → `diffusion`, with `job` used by all three.
 
 pub mod diffusion;
+pub mod engine;
+pub mod job;
+pub mod queue;

@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::Args;
-use imago::diffusion::edit::{EditInputs, EditParams};
+use imago::diffusion::edit::{default_edit_size, EditInputs, EditParams};
 use imago::diffusion::input::{check_mask_size, decode_image, decode_mask, fit_image, InputLimits};
 
 use super::generate::{finish, load_model, progress_bar, request, GenerationArgs};
@@ -27,13 +27,6 @@ pub struct EditArgs {
     pub common: GenerationArgs,
 }
 
-/// Without `--size`: the input's size, scaled down to the model's native side if larger, in multiples of 8.
-fn default_size((w, h): (u32, u32), native: usize, factor: usize) -> (usize, usize) {
-    let scale = (native as f64 / w.max(h) as f64).min(1.0);
-    let round = |v: u32| (((v as f64 * scale) as usize) / factor * factor).max(factor);
-    (round(w), round(h))
-}
-
 pub fn run(args: EditArgs) -> anyhow::Result<()> {
     let limits = InputLimits::default();
     let read = |path: &PathBuf| std::fs::read(path).with_context(|| format!("reading {}", path.display()));
@@ -49,7 +42,7 @@ pub fn run(args: EditArgs) -> anyhow::Result<()> {
 
     let (model, spec) = load_model(&args.common)?;
     let (native, _) = model.default_size();
-    let size = default_size(image.dimensions(), native, model.vae_scale_factor());
+    let size = default_edit_size(image.dimensions(), native, model.vae_scale_factor());
     let generate = model.params(request(&args.common, Some(size)))?;
     let (w, h) = (generate.width as u32, generate.height as u32);
     let image = fit_image(&image, w, h);
@@ -68,16 +61,4 @@ pub fn run(args: EditArgs) -> anyhow::Result<()> {
     let extra =
         [("strength", strength.to_string()), ("mode", if mask.is_some() { "inpaint" } else { "img2img" }.to_string())];
     finish(&args.common, &spec, &params.generate, &generated, &extra)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn default_edit_size_keeps_aspect_within_the_native_side() {
-        assert_eq!(default_size((1024, 768), 512, 8), (512, 384));
-        assert_eq!(default_size((300, 200), 512, 8), (296, 200));
-        assert_eq!(default_size((4, 4), 512, 8), (8, 8));
-    }
 }

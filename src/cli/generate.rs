@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context};
 use clap::Args;
 use imago::diffusion::hub::{resolve_model, HubOptions};
-use imago::diffusion::image_io::{encode_png, tensor_to_images};
+use imago::diffusion::image_io::{encode_png, parameters_text, tensor_to_images};
 use imago::diffusion::model::{DiffusionModel, LoadOptions};
 use imago::diffusion::pipeline::{GenerateParams, GenerateRequest, Generated};
 use imago::diffusion::schedulers::SchedulerKind;
@@ -161,7 +161,7 @@ fn random_seed() -> u64 {
     (nanos as u64 ^ ((std::process::id() as u64) << 32)) % 1_000_000_000
 }
 
-fn output_path(base: &Path, index: usize, batch: usize) -> PathBuf {
+pub fn output_path(base: &Path, index: usize, batch: usize) -> PathBuf {
     if batch == 1 {
         return base.to_path_buf();
     }
@@ -180,23 +180,10 @@ fn write_images(
     let images = tensor_to_images(&generated.images)?;
     let mut paths = Vec::with_capacity(images.len());
     for (i, image) in images.iter().enumerate() {
-        let text = if args.no_metadata {
+        let text: Vec<(&str, String)> = if args.no_metadata {
             Vec::new()
         } else {
-            vec![
-                ("prompt", params.prompt.clone()),
-                ("negative_prompt", params.negative_prompt.clone()),
-                ("seed", params.seed.wrapping_add(i as u64).to_string()),
-                ("steps", params.steps.to_string()),
-                ("guidance", params.guidance.to_string()),
-                ("scheduler", params.scheduler.name().to_string()),
-                ("size", format!("{}x{}", params.width, params.height)),
-                ("model", model.to_string()),
-                ("software", format!("imago {}", env!("CARGO_PKG_VERSION"))),
-            ]
-            .into_iter()
-            .chain(extra_text.iter().cloned())
-            .collect()
+            parameters_text(params, i, model).into_iter().chain(extra_text.iter().cloned()).collect()
         };
         let path = output_path(&args.output, i, images.len());
         let bytes = encode_png(image, &text)?;

@@ -1,10 +1,14 @@
 //! Subcommands. Each lives in its own file; this one parses and dispatches.
 
+mod connect;
 mod dev;
 mod device;
 mod edit;
 mod generate;
 mod models;
+mod schema;
+mod submit;
+mod worker;
 
 use clap::{Parser, Subcommand};
 
@@ -25,6 +29,14 @@ pub enum Command {
     Generate(generate::GenerateArgs),
     /// Edit an image: image-to-image, or inpainting with a mask.
     Edit(edit::EditArgs),
+    /// Serve jobs from NATS JetStream until SIGTERM (drain) or a second signal (hand back and quit).
+    Worker(worker::WorkerArgs),
+    /// Send one job to the queue, follow it, write its images.
+    Submit(submit::SubmitArgs),
+    /// Cancel a queued or running job.
+    Cancel(submit::CancelArgs),
+    /// Print or write the JSON Schemas of the job protocol.
+    Schema(schema::SchemaArgs),
     /// List installed models and where weights are looked for.
     Models(models::ModelsArgs),
     /// Developer tools.
@@ -37,6 +49,10 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Generate(args) => generate::run(args),
         Command::Edit(args) => edit::run(args),
         Command::Models(args) => models::run(args),
+        Command::Worker(args) => worker::run(args),
+        Command::Submit(args) => submit::run(args),
+        Command::Cancel(args) => submit::run_cancel(args),
+        Command::Schema(args) => schema::run(args),
         Command::Dev(cmd) => dev::run(cmd),
     }
 }
@@ -50,4 +66,13 @@ pub fn init_tracing(verbose: u8) {
     };
     let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| default.into());
     tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_command_line_definition_is_consistent() {
+        use clap::CommandFactory;
+        super::Cli::command().debug_assert();
+    }
 }

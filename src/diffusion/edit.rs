@@ -45,6 +45,14 @@ pub fn first_step(steps: usize, strength: f64) -> usize {
     steps - kept
 }
 
+/// The size an edit runs at when the request gives none: the input's aspect, scaled down to the model's native
+/// side if larger, in multiples of the VAE factor.
+pub fn default_edit_size((w, h): (u32, u32), native: usize, factor: usize) -> (usize, usize) {
+    let scale = (native as f64 / w.max(h).max(1) as f64).min(1.0);
+    let round = |v: u32| (((v as f64 * scale) as usize) / factor * factor).max(factor);
+    (round(w), round(h))
+}
+
 /// RGB u8 → (1, 3, h, w) in [-1, 1].
 fn image_tensor(image: &RgbImage, device: &candle_core::Device) -> Result<Tensor> {
     let (w, h) = image.dimensions();
@@ -187,6 +195,13 @@ impl DiffusionModel {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn default_edit_size_keeps_aspect_within_the_native_side() {
+        assert_eq!(default_edit_size((1024, 768), 512, 8), (512, 384));
+        assert_eq!(default_edit_size((300, 200), 512, 8), (296, 200));
+        assert_eq!(default_edit_size((4, 4), 512, 8), (8, 8));
+    }
 
     #[test]
     fn strength_sets_the_first_step_like_diffusers() {

@@ -3,6 +3,7 @@
 use candle_core::{DType, Tensor};
 use image::RgbImage;
 
+use super::pipeline::GenerateParams;
 use super::{Error, Result};
 
 /// (batch, 3, h, w) u8 → one RGB image per batch entry.
@@ -22,6 +23,31 @@ pub fn tensor_to_images(images: &Tensor) -> Result<Vec<RgbImage>> {
                 .ok_or_else(|| Error::Image("pixel buffer does not match the image size".into()))
         })
         .collect()
+}
+
+/// The parameters of image `index` of a generation, as PNG text entries (prompt, seed, steps, …), so an image can
+/// be reproduced from the file alone.
+pub fn parameters_text(params: &GenerateParams, index: usize, model: &str) -> Vec<(&'static str, String)> {
+    vec![
+        ("prompt", params.prompt.clone()),
+        ("negative_prompt", params.negative_prompt.clone()),
+        ("seed", params.seed.wrapping_add(index as u64).to_string()),
+        ("steps", params.steps.to_string()),
+        ("guidance", params.guidance.to_string()),
+        ("scheduler", params.scheduler.name().to_string()),
+        ("size", format!("{}x{}", params.width, params.height)),
+        ("model", model.to_string()),
+        ("software", format!("imago {}", env!("CARGO_PKG_VERSION"))),
+    ]
+}
+
+/// Encodes `image` as JPEG at `quality` (1–100).
+pub fn encode_jpeg(image: &RgbImage, quality: u8) -> Result<Vec<u8>> {
+    let mut out = Vec::new();
+    image::codecs::jpeg::JpegEncoder::new_with_quality(&mut out, quality)
+        .encode_image(image)
+        .map_err(|e| Error::Image(format!("JPEG: {e}")))?;
+    Ok(out)
 }
 
 /// Encodes `image` as PNG with `text` entries as tEXt chunks (keyword, value), e.g. the prompt and seed so an image

@@ -16,6 +16,7 @@ pub mod unet;
 pub mod vae;
 mod weights;
 
+pub mod default_model;
 pub mod edit;
 pub mod hub;
 pub mod image_io;

@@ -1,0 +1,248 @@
+//! The engine: runs validated jobs on loaded models. It owns model loading and caching, input decoding, seeds,
+//! cancellation and deadlines, and knows nothing about NATS: a job arrives as a [`JobSpec`] plus its input bytes
+//! and leaves as encoded images or a [`JobError`] whose code decides what the transport does with it.
+
+mod models;
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Instant, SystemTime};
+
+use image::{GrayImage, RgbImage};
+
+pub use models::{ModelCache, ModelDirectory};
+
+use crate::diffusion::edit::{default_edit_size, EditInputs, EditParams};
+use crate::diffusion::image_io::{encode_jpeg, encode_png, parameters_text, tensor_to_images};
+use crate::diffusion::input::{check_mask_size, decode_image, decode_mask, fit_image, InputLimits};
+use crate::diffusion::model::{DiffusionModel, LoadOptions};
+use crate::diffusion::pipeline::{GenerateParams, GenerateRequest, Generated, StepProgress};
+use crate::diffusion::Error as DiffusionError;
+use crate::job::{ErrorCode, JobError, JobKind, JobSpec, OutputFormat, Timings};
+
+/// How the engine runs.
+#[derive(Debug, Clone)]
+pub struct EngineConfig {
+    pub models: ModelDirectory,
+    pub load: LoadOptions,
+    pub input_limits: InputLimits,
+}
+
+/// The decoded-from-transport inputs of an edit job (still encoded image files).
+#[derive(Default)]
+pub struct JobInputs {
+    pub image: Option<Vec<u8>>,
+    pub mask: Option<Vec<u8>>,
+}
+
+/// Cancellation and deadline of one running job; the flag may be set from any thread.
+#[derive(Clone, Default)]
+pub struct JobControl {
+    pub cancel: Arc<AtomicBool>,
+    pub deadline: Option<SystemTime>,
+}
+
+impl JobControl {
+    pub fn past_deadline(&self) -> bool {
+        self.deadline.is_some_and(|d| SystemTime::now() >= d)
+    }
+
+    fn stop_requested(&self) -> bool {
+        self.cancel.load(Ordering::Relaxed) || self.past_deadline()
+    }
+}
+
+/// A finished job's images.
+pub struct JobOutput {
+    pub images: Vec<Vec<u8>>,
+    pub seeds: Vec<u64>,
+    pub width: u32,
+    pub height: u32,
+    pub format: OutputFormat,
+    pub timings: Timings,
+}
+
+/// Runs jobs; share one per worker.
+pub struct Engine {
+    models: ModelCache,
+    input_limits: InputLimits,
+}
+
+fn random_seed() -> u64 {
+    let nanos = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
+    (nanos as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15) % 1_000_000_000_000
+}
+
+impl Engine {
+    pub fn new(config: EngineConfig) -> Self {
+        Self { models: ModelCache::new(config.models, config.load), input_limits: config.input_limits }
+    }
+
+    /// Runs one job to completion, cancellation or failure. Blocking: call it from a blocking thread.
+    pub fn run(
+        &self,
+        spec: &JobSpec,
+        inputs: &JobInputs,
+        control: &JobControl,
+        on_step: &mut dyn FnMut(StepProgress),
+    ) -> Result<JobOutput, JobError> {
+        let started = Instant::now();
+        if spec.private {
+            return Err(JobError::new(
+                ErrorCode::PrivateModeUnavailable,
+                "this worker does not serve Private Mode jobs yet; nothing of this job was stored",
+            ));
+        }
+        if control.past_deadline() {
+            return Err(JobError::new(ErrorCode::DeadlineExceeded, "the job's deadline passed before it started"));
+        }
+        let model = self.models.get(&spec.model)?;
+        let request = GenerateRequest {
+            prompt: spec.prompt.clone(),
+            negative_prompt: spec.negative_prompt.clone(),
+            size: spec.size.map(|(w, h)| (w as usize, h as usize)),
+            steps: spec.steps.map(|s| s as usize),
+            guidance: spec.guidance,
+            seed: spec.seed.unwrap_or_else(random_seed),
+            scheduler: spec.scheduler,
+            batch: spec.batch as usize,
+        };
+        let mut progress = |p: StepProgress| {
+            on_step(p);
+            !control.stop_requested()
+        };
+        let (params, generated) = match spec.kind {
+            JobKind::Generate => {
+                let params = model.params(request).map_err(|e| diffusion_error(e, control))?;
+                let generated = model.generate(&params, &mut progress);
+                (params, generated)
+            }
+            JobKind::Edit => {
+                let (params, image, mask) = self.prepare_edit(&model, spec, inputs, request, control)?;
+                let generated = model.edit(&params, &EditInputs { image: &image, mask: mask.as_ref() }, &mut progress);
+                (params.generate, generated)
+            }
+        };
+        let generated = generated.map_err(|e| diffusion_error(e, control))?;
+        encode_output(spec, &params, &generated, started)
+    }
+
+    /// Decodes and fits an edit's inputs and fills in its parameters.
+    fn prepare_edit(
+        &self,
+        model: &DiffusionModel,
+        spec: &JobSpec,
+        inputs: &JobInputs,
+        request: GenerateRequest,
+        control: &JobControl,
+    ) -> Result<(EditParams, RgbImage, Option<GrayImage>), JobError> {
+        let missing = || JobError::new(ErrorCode::ImageRequired, "edit jobs need an image");
+        let edit = spec.edit.as_ref().ok_or_else(missing)?;
+        let image =
+            decode_image(inputs.image.as_deref().ok_or_else(missing)?, &self.input_limits).map_err(input_error)?;
+        let mask = match inputs.mask.as_deref() {
+            Some(bytes) => {
+                let mask = decode_mask(bytes, &self.input_limits).map_err(input_error)?;
+                check_mask_size(&image, &mask).map_err(input_error)?;
+                Some(mask)
+            }
+            None => None,
+        };
+        let (native, _) = model.default_size();
+        let fallback = default_edit_size(image.dimensions(), native, model.vae_scale_factor());
+        let request = GenerateRequest { size: request.size.or(Some(fallback)), ..request };
+        let generate = model.params(request).map_err(|e| diffusion_error(e, control))?;
+        let (w, h) = (generate.width as u32, generate.height as u32);
+        let image = fit_image(&image, w, h);
+        let mask = mask.map(|m| fit_image(&m, w, h));
+        let strength = edit.strength.unwrap_or(if mask.is_some() { 1.0 } else { 0.6 });
+        Ok((EditParams { generate, strength, mask_blur: edit.mask_blur }, image, mask))
+    }
+}
+
+/// Encodes the images as the job asked, with the parameters as PNG text (not for private jobs).
+fn encode_output(
+    spec: &JobSpec,
+    params: &GenerateParams,
+    generated: &Generated,
+    started: Instant,
+) -> Result<JobOutput, JobError> {
+    let internal = |e: DiffusionError| JobError::new(ErrorCode::Internal, format!("encoding the output failed: {e}"));
+    let images = tensor_to_images(&generated.images).map_err(internal)?;
+    let encoded = images
+        .iter()
+        .enumerate()
+        .map(|(i, image)| match spec.output_format {
+            OutputFormat::Png => {
+                let text = if spec.private { Vec::new() } else { parameters_text(params, i, &spec.model) };
+                encode_png(image, &text)
+            }
+            OutputFormat::Jpeg => encode_jpeg(image, 92),
+        })
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(internal)?;
+    let t = &generated.timings;
+    let ms = |d: std::time::Duration| d.as_millis() as u64;
+    Ok(JobOutput {
+        images: encoded,
+        seeds: (0..params.batch as u64).map(|i| params.seed.wrapping_add(i)).collect(),
+        width: params.width as u32,
+        height: params.height as u32,
+        format: spec.output_format,
+        timings: Timings {
+            queue_ms: None,
+            text_encode_ms: ms(t.text_encode),
+            denoise_ms: ms(t.denoise),
+            vae_decode_ms: ms(t.vae_decode),
+            total_ms: ms(started.elapsed()),
+        },
+    })
+}
+
+fn input_error(e: crate::diffusion::input::InputError) -> JobError {
+    let code = match e.code() {
+        "image_too_large" => ErrorCode::ImageTooLarge,
+        "image_unsupported_format" => ErrorCode::ImageUnsupportedFormat,
+        "mask_size_mismatch" => ErrorCode::MaskSizeMismatch,
+        _ => ErrorCode::ImageUndecodable,
+    };
+    JobError::new(code, e.to_string())
+}
+
+/// Maps a diffusion failure to the code that decides the job's fate.
+fn diffusion_error(e: DiffusionError, control: &JobControl) -> JobError {
+    let code = match &e {
+        DiffusionError::Cancelled if control.past_deadline() => ErrorCode::DeadlineExceeded,
+        DiffusionError::Cancelled => ErrorCode::Cancelled,
+        DiffusionError::InvalidRequest(_) => ErrorCode::InvalidParameter,
+        DiffusionError::UnknownScheduler { .. } => ErrorCode::UnknownScheduler,
+        DiffusionError::Tensor(t) if is_out_of_memory(&t.to_string()) => ErrorCode::OutOfMemory,
+        _ => ErrorCode::Internal,
+    };
+    let message = match code {
+        ErrorCode::DeadlineExceeded => "the job's deadline passed while it ran".to_string(),
+        _ => e.to_string(),
+    };
+    JobError::new(code, message)
+}
+
+fn is_out_of_memory(message: &str) -> bool {
+    let m = message.to_ascii_lowercase();
+    m.contains("out of memory") || m.contains("out_of_memory")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cancellation_maps_to_deadline_only_when_the_deadline_passed() {
+        let running = JobControl::default();
+        assert_eq!(diffusion_error(DiffusionError::Cancelled, &running).code, ErrorCode::Cancelled);
+        let late = JobControl { deadline: Some(SystemTime::UNIX_EPOCH), ..Default::default() };
+        assert_eq!(diffusion_error(DiffusionError::Cancelled, &late).code, ErrorCode::DeadlineExceeded);
+        let oom = candle_core::Error::Msg("CUDA_ERROR_OUT_OF_MEMORY".into());
+        assert_eq!(diffusion_error(DiffusionError::Tensor(oom), &running).code, ErrorCode::OutOfMemory);
+        assert!(ErrorCode::OutOfMemory.is_transient());
+    }
+}

@@ -1,0 +1,152 @@
+//! The worker's and the client's use of the topology: results in and out, cancellations, inputs and outputs in
+//! the object store, progress events, dead letters.
+
+use base64::Engine as _;
+use bytes::Bytes;
+use tokio::io::AsyncReadExt;
+
+use super::setup::Queue;
+use super::QueueError;
+use crate::job::{ErrorCode, ImageRef, JobError, JobResult, OutputFormat, ProgressEvent};
+
+/// Header carrying the job id on results and dead letters (`Nats-Msg-Id` is the server's dedup key).
+pub const JOB_ID_HEADER: &str = "Imago-Job-Id";
+
+impl Queue {
+    /// A result already published for `id` (a redelivered job is answered from it, not recomputed).
+    pub async fn existing_result(&self, id: &str) -> Option<Bytes> {
+        let subject = self.config.names.results(id);
+        self.results.get_last_raw_message_by_subject(&subject).await.ok().map(|m| m.payload)
+    }
+
+    /// Whether a cancellation for `id` was published (and is still remembered).
+    pub async fn is_cancelled(&self, id: &str) -> bool {
+        let subject = self.config.names.cancel(id);
+        self.cancels.get_last_raw_message_by_subject(&subject).await.is_ok()
+    }
+
+    /// Publishes a result to the results stream (persisted, deduplicated per job) and to the reply subject.
+    pub async fn publish_result(&self, result: &JobResult, reply: Option<&str>) -> Result<(), QueueError> {
+        let payload = Bytes::from(serde_json::to_vec(result).map_err(|e| QueueError::Publish(e.to_string()))?);
+        let mut headers = async_nats::HeaderMap::new();
+        headers.insert("Nats-Msg-Id", format!("result-{}", result.id).as_str());
+        headers.insert(JOB_ID_HEADER, result.id.as_str());
+        let subject = self.config.names.results(&result.id);
+        self.js
+            .publish_with_headers(subject, headers, payload.clone())
+            .await
+            .map_err(|e| QueueError::Publish(e.to_string()))?
+            .await
+            .map_err(|e| QueueError::Publish(e.to_string()))?;
+        if let Some(reply) = reply {
+            self.client.publish(reply.to_string(), payload).await.map_err(|e| QueueError::Publish(e.to_string()))?;
+            self.client.flush().await.map_err(|e| QueueError::Publish(e.to_string()))?;
+        }
+        Ok(())
+    }
+
+    /// Sends an already-published result to a requester's reply subject again.
+    pub async fn forward_result(&self, payload: Bytes, reply: &str) -> Result<(), QueueError> {
+        self.client.publish(reply.to_string(), payload).await.map_err(|e| QueueError::Publish(e.to_string()))?;
+        self.client.flush().await.map_err(|e| QueueError::Publish(e.to_string()))
+    }
+
+    /// Publishes a progress event (core NATS: fire and forget, never persisted).
+    pub async fn publish_progress(&self, event: &ProgressEvent) {
+        if let Ok(payload) = serde_json::to_vec(event) {
+            let _ = self.client.publish(self.config.names.progress(&event.id), payload.into()).await;
+        }
+    }
+
+    /// Stores result images in the bucket under `results/<id>/<i>.<ext>`, tagged with the user for deletion and
+    /// export requests.
+    pub async fn store_images(
+        &self,
+        id: &str,
+        user: Option<&str>,
+        images: &[Vec<u8>],
+        format: OutputFormat,
+    ) -> Result<Vec<ImageRef>, QueueError> {
+        let ext = match format {
+            OutputFormat::Png => "png",
+            OutputFormat::Jpeg => "jpg",
+        };
+        let mut refs = Vec::with_capacity(images.len());
+        for (i, image) in images.iter().enumerate() {
+            let key = format!("results/{id}/{i}.{ext}");
+            let mut metadata = std::collections::HashMap::from([("job".to_string(), id.to_string())]);
+            if let Some(user) = user {
+                metadata.insert("user".to_string(), user.to_string());
+            }
+            let meta = async_nats::jetstream::object_store::ObjectMetadata {
+                name: key.clone(),
+                metadata,
+                ..Default::default()
+            };
+            self.images
+                .put(meta, &mut image.as_slice())
+                .await
+                .map_err(|e| QueueError::Publish(format!("{key}: {e}")))?;
+            refs.push(ImageRef::Object(key));
+        }
+        Ok(refs)
+    }
+
+    /// The bytes behind an image reference. A missing object is transient: its upload may still be on its way.
+    pub async fn fetch_image(&self, image: &ImageRef, max_bytes: usize) -> Result<Vec<u8>, JobError> {
+        match image {
+            ImageRef::Inline(b64) => {
+                if b64.len() / 4 * 3 > max_bytes {
+                    return Err(JobError::new(
+                        ErrorCode::ImageTooLarge,
+                        format!("inline image over {max_bytes} bytes"),
+                    ));
+                }
+                base64::engine::general_purpose::STANDARD
+                    .decode(b64)
+                    .map_err(|e| JobError::new(ErrorCode::ImageUndecodable, format!("inline image is not base64: {e}")))
+            }
+            ImageRef::Object(key) => {
+                let not_found = |e: &dyn std::fmt::Display| {
+                    JobError::new(ErrorCode::ObjectNotFound, format!("object {key:?}: {e}"))
+                };
+                let mut object = self.images.get(key).await.map_err(|e| not_found(&e))?;
+                if object.info().size > max_bytes {
+                    return Err(JobError::new(
+                        ErrorCode::ImageTooLarge,
+                        format!("object {key:?} is over {max_bytes} bytes"),
+                    ));
+                }
+                let mut bytes = Vec::with_capacity(object.info().size);
+                object.read_to_end(&mut bytes).await.map_err(|e| not_found(&e))?;
+                Ok(bytes)
+            }
+        }
+    }
+
+    /// Records a job that will not be retried on `<prefix>.dead.<kind>`, with the reason in headers.
+    pub async fn dead_letter(
+        &self,
+        kind: &str,
+        id: &str,
+        payload: Bytes,
+        code: ErrorCode,
+        reason: &str,
+        deliveries: i64,
+    ) {
+        let mut headers = async_nats::HeaderMap::new();
+        headers.insert(JOB_ID_HEADER, id);
+        headers.insert("Imago-Error-Code", code.as_str());
+        headers.insert("Imago-Reason", reason.replace(['\r', '\n'], " ").as_str());
+        headers.insert("Imago-Deliveries", deliveries.to_string().as_str());
+        let published = self.js.publish_with_headers(self.config.names.dead(kind), headers, payload).await;
+        match published {
+            Ok(ack) => {
+                if let Err(e) = ack.await {
+                    tracing::error!(job = id, error = %e, "dead letter not acknowledged");
+                }
+            }
+            Err(e) => tracing::error!(job = id, error = %e, "dead letter not published"),
+        }
+    }
+}

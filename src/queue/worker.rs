@@ -1,0 +1,467 @@
+//! The worker loop: pull as many jobs as there are free slots, run each on the engine with heartbeats and progress,
+//! answer, acknowledge. Failures decide the message's fate by their code: invalid → error result + Term;
+//! transient → Nak with backoff, dead letter after the last delivery; cancelled → cancelled result + Ack.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use async_nats::jetstream::{self, AckKind};
+use futures::StreamExt;
+use tokio::sync::{watch, Semaphore};
+use tokio::task::JoinSet;
+use tracing::Instrument;
+
+use super::setup::Queue;
+use super::QueueError;
+use crate::engine::{Engine, JobControl, JobInputs, JobOutput};
+use crate::job::{
+    self, ErrorCode, JobError, JobLimits, JobResult, JobSpec, JobStatus, ProgressEvent, PROTOCOL_VERSION,
+};
+
+/// What the signal handler asks of the worker.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Shutdown {
+    /// Stop pulling, let running jobs finish within the drain timeout, hand back the rest.
+    Drain,
+    /// Hand back running jobs now.
+    Quit,
+}
+
+/// Counts of what a worker did, reported when it stops.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct WorkerReport {
+    pub completed: u64,
+    pub failed: u64,
+    pub cancelled: u64,
+    pub handed_back: u64,
+    pub answered_from_results: u64,
+}
+
+/// A running job as seen by the cancel listener and the drain.
+struct Running {
+    control: JobControl,
+    /// Set when the worker stops a job to hand it back (drain), not because the user cancelled it.
+    handback: Arc<AtomicBool>,
+}
+
+pub struct Worker {
+    queue: Arc<Queue>,
+    engine: Arc<Engine>,
+    limits: JobLimits,
+    max_input_bytes: usize,
+    running: Mutex<HashMap<String, Running>>,
+    report: Mutex<WorkerReport>,
+}
+
+enum Outcome {
+    Completed,
+    Failed,
+    Cancelled,
+    HandedBack,
+    Answered,
+}
+
+impl Worker {
+    pub fn new(queue: Queue, engine: Engine, limits: JobLimits, max_input_bytes: usize) -> Arc<Self> {
+        Arc::new(Self {
+            queue: Arc::new(queue),
+            engine: Arc::new(engine),
+            limits,
+            max_input_bytes,
+            running: Mutex::new(HashMap::new()),
+            report: Mutex::new(WorkerReport::default()),
+        })
+    }
+
+    /// Runs until `shutdown` says otherwise; returns what it did.
+    pub async fn run(
+        self: Arc<Self>,
+        mut shutdown: watch::Receiver<Option<Shutdown>>,
+    ) -> Result<WorkerReport, QueueError> {
+        let listeners =
+            [tokio::spawn(self.clone().listen_for_cancels()), tokio::spawn(self.clone().listen_for_exhausted_jobs())];
+        let slots = Arc::new(Semaphore::new(self.queue.config.slots));
+        let mut tasks = JoinSet::new();
+        tracing::info!(worker = %self.queue.config.worker_name, slots = self.queue.config.slots, "worker started");
+        // 1. pull while there is a free slot and no shutdown
+        while shutdown.borrow().is_none() {
+            let permit = tokio::select! {
+                permit = slots.clone().acquire_owned() => permit.map_err(|e| QueueError::Setup(e.to_string()))?,
+                _ = shutdown.changed() => break,
+            };
+            while tasks.try_join_next().is_some() {}
+            let fetched = self.queue.consumer.fetch().max_messages(1).expires(Duration::from_secs(1)).messages().await;
+            let mut batch = match fetched {
+                Ok(batch) => batch,
+                Err(e) => {
+                    tracing::warn!(error = %e, "pull failed; retrying");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    continue;
+                }
+            };
+            match batch.next().await {
+                Some(Ok(message)) => {
+                    let worker = self.clone();
+                    tasks.spawn(async move {
+                        worker.handle(message).await;
+                        drop(permit);
+                    });
+                }
+                Some(Err(e)) => tracing::warn!(error = %e, "pull returned an error"),
+                None => {}
+            }
+        }
+        // 2. drain: finish within the timeout, then hand back what is still running
+        let mode = *shutdown.borrow();
+        let deadline = tokio::time::Instant::now()
+            + if mode == Some(Shutdown::Quit) { Duration::ZERO } else { self.queue.config.drain_timeout };
+        tracing::info!(?mode, running = tasks.len(), "worker draining");
+        loop {
+            tokio::select! {
+                next = tasks.join_next() => if next.is_none() { break },
+                _ = tokio::time::sleep_until(deadline) => {
+                    self.hand_back_running();
+                    break;
+                }
+                changed = shutdown.changed() => {
+                    if changed.is_err() || *shutdown.borrow() == Some(Shutdown::Quit) {
+                        self.hand_back_running();
+                        break;
+                    }
+                }
+            }
+        }
+        while tasks.join_next().await.is_some() {}
+        for l in listeners {
+            l.abort();
+        }
+        let _ = self.queue.client.flush().await;
+        let report = self.report.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        tracing::info!(?report, "worker stopped");
+        Ok(report)
+    }
+
+    fn hand_back_running(&self) {
+        let running = self.running.lock().unwrap_or_else(|e| e.into_inner());
+        for (id, job) in running.iter() {
+            tracing::info!(job = %id, "handing back");
+            job.handback.store(true, Ordering::SeqCst);
+            job.control.cancel.store(true, Ordering::SeqCst);
+        }
+    }
+
+    async fn handle(self: Arc<Self>, message: jetstream::Message) {
+        let outcome = self.process(&message).await;
+        let mut report = self.report.lock().unwrap_or_else(|e| e.into_inner());
+        match outcome {
+            Outcome::Completed => report.completed += 1,
+            Outcome::Failed => report.failed += 1,
+            Outcome::Cancelled => report.cancelled += 1,
+            Outcome::HandedBack => report.handed_back += 1,
+            Outcome::Answered => report.answered_from_results += 1,
+        }
+    }
+
+    async fn process(&self, message: &jetstream::Message) -> Outcome {
+        let deliveries = message.info().map(|i| i.delivered).unwrap_or(1);
+        // 1. parse and validate: a bad job is answered and terminated, never retried
+        let spec = match job::parse(&message.payload).and_then(|m| job::validate(m, &self.limits)) {
+            Ok(spec) => spec,
+            Err(e) => return self.reject(message, e).await,
+        };
+        let span =
+            tracing::info_span!("job", id = %spec.id, kind = spec.kind.as_str(), model = %spec.model, deliveries);
+        self.process_valid(message, spec, deliveries).instrument(span).await
+    }
+
+    async fn process_valid(&self, message: &jetstream::Message, spec: JobSpec, deliveries: i64) -> Outcome {
+        // 2. answered before (a redelivery after the result was published) or cancelled while queued?
+        if let Some(existing) = self.queue.existing_result(&spec.id).await {
+            if let Some(reply) = &spec.reply {
+                let _ = self.queue.forward_result(existing, reply).await;
+            }
+            ack(message, AckKind::Ack).await;
+            return Outcome::Answered;
+        }
+        if self.queue.is_cancelled(&spec.id).await {
+            let result =
+                JobResult::failed(&spec.id, JobStatus::Cancelled, ErrorCode::Cancelled, "cancelled before it started");
+            return self.finish_without_output(message, &spec, result, AckKind::Ack, Outcome::Cancelled).await;
+        }
+        // 3. inputs, then the run itself
+        let run = match self.fetch_inputs(&spec).await {
+            Ok(inputs) => self.run_with_heartbeats(message, &spec, inputs).await,
+            Err(e) => Err(Stop::Failed(e)),
+        };
+        match run {
+            Ok(output) => self.complete(message, &spec, output).await,
+            Err(Stop::HandedBack) => {
+                ack(message, AckKind::Nak(None)).await;
+                Outcome::HandedBack
+            }
+            Err(Stop::Failed(e)) => self.fail(message, &spec, e, deliveries).await,
+        }
+    }
+
+    async fn fetch_inputs(&self, spec: &JobSpec) -> Result<JobInputs, JobError> {
+        let Some(edit) = &spec.edit else { return Ok(JobInputs::default()) };
+        let image = Some(self.queue.fetch_image(&edit.image, self.max_input_bytes).await?);
+        let mask = match &edit.mask {
+            Some(m) => Some(self.queue.fetch_image(m, self.max_input_bytes).await?),
+            None => None,
+        };
+        Ok(JobInputs { image, mask })
+    }
+
+    /// Runs the engine on a blocking thread, acking progress to the server and publishing step events meanwhile.
+    async fn run_with_heartbeats(
+        &self,
+        message: &jetstream::Message,
+        spec: &JobSpec,
+        inputs: JobInputs,
+    ) -> Result<JobOutput, Stop> {
+        let control = JobControl { cancel: Arc::new(AtomicBool::new(false)), deadline: spec.deadline };
+        let handback = Arc::new(AtomicBool::new(false));
+        self.running
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(spec.id.clone(), Running { control: control.clone(), handback: handback.clone() });
+        let (steps_tx, mut steps_rx) = tokio::sync::mpsc::unbounded_channel();
+        let engine = self.engine.clone();
+        let (job, run_control) = (spec.clone(), control.clone());
+        let mut work = tokio::task::spawn_blocking(move || {
+            engine.run(&job, &inputs, &run_control, &mut |p| {
+                let _ = steps_tx.send(p);
+            })
+        });
+        self.queue.publish_progress(&event(&spec.id, "started", None, None)).await;
+        let mut heartbeat = tokio::time::interval(self.queue.config.ack_wait / 3);
+        heartbeat.tick().await;
+        let result = loop {
+            tokio::select! {
+                done = &mut work => break done,
+                Some(step) = steps_rx.recv() => {
+                    self.queue.publish_progress(&event(&spec.id, "step", Some(step.step as u32), Some(step.total as u32))).await;
+                }
+                _ = heartbeat.tick() => ack(message, AckKind::Progress).await,
+            }
+        };
+        self.running.lock().unwrap_or_else(|e| e.into_inner()).remove(&spec.id);
+        let result =
+            result.unwrap_or_else(|e| Err(JobError::new(ErrorCode::Internal, format!("the job's thread failed: {e}"))));
+        match result {
+            Err(e) if e.code == ErrorCode::Cancelled && handback.load(Ordering::SeqCst) => Err(Stop::HandedBack),
+            other => other.map_err(Stop::Failed),
+        }
+    }
+
+    async fn complete(&self, message: &jetstream::Message, spec: &JobSpec, output: JobOutput) -> Outcome {
+        let queue_ms = message.info().ok().and_then(|i| {
+            let published =
+                SystemTime::UNIX_EPOCH + Duration::from_nanos(i.published.unix_timestamp_nanos().max(0) as u64);
+            SystemTime::now().duration_since(published).ok()
+        });
+        let mut timings = output.timings;
+        timings.queue_ms = queue_ms.map(|d| (d.as_millis() as u64).saturating_sub(timings.total_ms));
+        let mut result = JobResult {
+            v: PROTOCOL_VERSION,
+            id: spec.id.clone(),
+            status: JobStatus::Ok,
+            images: output
+                .images
+                .iter()
+                .map(|b| {
+                    crate::job::ImageRef::Inline(base64::Engine::encode(&base64::engine::general_purpose::STANDARD, b))
+                })
+                .collect(),
+            seeds: output.seeds,
+            width: Some(output.width),
+            height: Some(output.height),
+            format: Some(output.format),
+            timings: Some(timings),
+            error: None,
+            worker: Some(self.queue.config.worker_name.clone()),
+        };
+        let inline_size: usize = result
+            .images
+            .iter()
+            .map(|i| match i {
+                crate::job::ImageRef::Inline(s) => s.len(),
+                crate::job::ImageRef::Object(_) => 0,
+            })
+            .sum();
+        if inline_size > self.queue.config.inline_limit {
+            match self.queue.store_images(&spec.id, spec.user.as_deref(), &output.images, output.format).await {
+                Ok(refs) => result.images = refs,
+                Err(e) => {
+                    tracing::warn!(error = %e, "storing large result failed; will retry");
+                    ack(message, AckKind::Nak(Some(self.queue.config.retry_backoff))).await;
+                    return Outcome::Failed;
+                }
+            }
+        }
+        if let Err(e) = self.queue.publish_result(&result, spec.reply.as_deref()).await {
+            tracing::warn!(error = %e, "publishing the result failed; handing the job back");
+            ack(message, AckKind::Nak(Some(self.queue.config.retry_backoff))).await;
+            return Outcome::Failed;
+        }
+        self.queue.publish_progress(&event(&spec.id, "done", None, None)).await;
+        ack(message, AckKind::Ack).await;
+        tracing::info!(total_ms = result.timings.as_ref().map(|t| t.total_ms), "job completed");
+        Outcome::Completed
+    }
+
+    async fn fail(&self, message: &jetstream::Message, spec: &JobSpec, e: JobError, deliveries: i64) -> Outcome {
+        if e.code == ErrorCode::Cancelled {
+            let result =
+                JobResult::failed(&spec.id, JobStatus::Cancelled, ErrorCode::Cancelled, "cancelled while running");
+            return self.finish_without_output(message, spec, result, AckKind::Ack, Outcome::Cancelled).await;
+        }
+        if e.code.is_transient() && deliveries < self.queue.config.max_deliver {
+            let delay = self.queue.config.retry_backoff * 2u32.saturating_pow((deliveries.max(1) - 1) as u32);
+            tracing::warn!(code = e.code.as_str(), deliveries, ?delay, "transient failure; retrying later");
+            ack(message, AckKind::Nak(Some(delay))).await;
+            return Outcome::Failed;
+        }
+        let (code, text) = if e.code.is_transient() {
+            let reason = format!("gave up after {deliveries} deliveries: {}", e.message);
+            self.queue
+                .dead_letter(spec.kind.as_str(), &spec.id, message.payload.clone(), e.code, &reason, deliveries)
+                .await;
+            (ErrorCode::MaxDeliveriesExceeded, reason)
+        } else {
+            (e.code, e.message)
+        };
+        tracing::warn!(code = code.as_str(), "job failed");
+        let result = JobResult::failed(&spec.id, JobStatus::Error, code, text);
+        self.finish_without_output(message, spec, result, AckKind::Term, Outcome::Failed).await
+    }
+
+    async fn finish_without_output(
+        &self,
+        message: &jetstream::Message,
+        spec: &JobSpec,
+        mut result: JobResult,
+        ack_kind: AckKind,
+        outcome: Outcome,
+    ) -> Outcome {
+        result.worker = Some(self.queue.config.worker_name.clone());
+        if let Err(e) = self.queue.publish_result(&result, spec.reply.as_deref()).await {
+            tracing::warn!(error = %e, "publishing the result failed; handing the job back");
+            ack(message, AckKind::Nak(Some(self.queue.config.retry_backoff))).await;
+            return Outcome::Failed;
+        }
+        self.queue.publish_progress(&event(&spec.id, "done", None, None)).await;
+        ack(message, ack_kind).await;
+        outcome
+    }
+
+    /// A job that failed to parse or validate: error result to whoever can be addressed, then Term.
+    async fn reject(&self, message: &jetstream::Message, e: JobError) -> Outcome {
+        let id = job::salvage_id(&message.payload)
+            .or_else(|| {
+                message
+                    .headers
+                    .as_ref()
+                    .and_then(|h| h.get("Nats-Msg-Id"))
+                    .map(|v| v.to_string())
+                    .filter(|id| job::valid_id(id))
+            })
+            .unwrap_or_else(|| format!("unidentified-{}", message.info().map(|i| i.stream_sequence).unwrap_or(0)));
+        let reply = serde_json::from_slice::<serde_json::Value>(&message.payload)
+            .ok()
+            .and_then(|v| v.get("reply").and_then(|r| r.as_str()).map(str::to_string));
+        tracing::warn!(job = %id, code = e.code.as_str(), "job rejected");
+        let mut result = JobResult::failed(&id, JobStatus::Error, e.code, e.message);
+        result.worker = Some(self.queue.config.worker_name.clone());
+        let _ = self.queue.publish_result(&result, reply.as_deref().filter(|r| !r.contains(['*', '>', ' ']))).await;
+        ack(message, AckKind::Term).await;
+        Outcome::Failed
+    }
+
+    /// Sets the cancel flag of running jobs named on `<prefix>.cancel.<id>`.
+    async fn listen_for_cancels(self: Arc<Self>) {
+        let Ok(mut cancels) = self.queue.client.subscribe(self.queue.config.names.cancel("*")).await else {
+            tracing::error!("cannot subscribe to cancellations");
+            return;
+        };
+        while let Some(message) = cancels.next().await {
+            let id = message.subject.rsplit('.').next().unwrap_or_default().to_string();
+            if let Some(job) = self.running.lock().unwrap_or_else(|e| e.into_inner()).get(&id) {
+                tracing::info!(job = %id, "cancel requested");
+                job.control.cancel.store(true, Ordering::SeqCst);
+            }
+        }
+    }
+
+    /// Jobs that crashed workers until JetStream stopped delivering them stay in the work queue: one worker of
+    /// the fleet (queue group) moves each to the dead letters and answers its requester.
+    async fn listen_for_exhausted_jobs(self: Arc<Self>) {
+        let names = &self.queue.config.names;
+        let subscribed = self
+            .queue
+            .client
+            .queue_subscribe(names.max_deliveries_advisory(), format!("{}-dead-letter", names.consumer()))
+            .await;
+        let Ok(mut advisories) = subscribed else {
+            tracing::error!("cannot subscribe to max-deliveries advisories");
+            return;
+        };
+        while let Some(advisory) = advisories.next().await {
+            let seq = serde_json::from_slice::<serde_json::Value>(&advisory.payload)
+                .ok()
+                .and_then(|v| v["stream_seq"].as_u64());
+            let Some(seq) = seq else { continue };
+            let Ok(raw) = self.queue.jobs.get_raw_message(seq).await else { continue };
+            let parsed = job::parse(&raw.payload).ok();
+            let id = parsed.as_ref().map(|j| j.id.clone()).unwrap_or_else(|| format!("unidentified-{seq}"));
+            let kind = parsed.as_ref().map(|j| j.kind.as_str()).unwrap_or("unknown");
+            let reason = format!(
+                "delivered {} times without an answer (a worker died on it each time)",
+                self.queue.config.max_deliver
+            );
+            self.queue
+                .dead_letter(
+                    kind,
+                    &id,
+                    raw.payload.clone(),
+                    ErrorCode::MaxDeliveriesExceeded,
+                    &reason,
+                    self.queue.config.max_deliver,
+                )
+                .await;
+            let mut result = JobResult::failed(&id, JobStatus::Error, ErrorCode::MaxDeliveriesExceeded, reason);
+            result.worker = Some(self.queue.config.worker_name.clone());
+            let reply = parsed.as_ref().and_then(|j| j.reply.clone());
+            if self.queue.existing_result(&id).await.is_none() {
+                let _ = self.queue.publish_result(&result, reply.as_deref()).await;
+            }
+            let _ = self.queue.jobs.delete_message(seq).await;
+            tracing::warn!(job = %id, "job dead-lettered after max deliveries");
+        }
+    }
+}
+
+/// Why a run ended without output.
+enum Stop {
+    Failed(JobError),
+    /// The worker stopped the job to hand it back to the queue (drain), not the user.
+    HandedBack,
+}
+
+fn event(id: &str, state: &str, step: Option<u32>, total: Option<u32>) -> ProgressEvent {
+    ProgressEvent { id: id.to_string(), state: state.to_string(), step, total }
+}
+
+/// Acks with confirmation from the server (a plain ack can be lost when the process exits right after).
+async fn ack(message: &jetstream::Message, kind: AckKind) {
+    let result = match kind {
+        AckKind::Ack => message.double_ack().await,
+        other => message.ack_with(other).await,
+    };
+    if let Err(e) = result {
+        tracing::warn!(error = %e, "acknowledgement failed");
+    }
+}
