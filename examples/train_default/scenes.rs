@@ -17,7 +17,8 @@ pub const SHAPE_COLOURS: [(&str, [u8; 3]); 6] = [
 ];
 
 /// Background colours: neutral, so no background can be mistaken for a shape colour.
-pub const BACKGROUNDS: [(&str, [u8; 3]); 3] = [("white", [245, 245, 245]), ("black", [15, 15, 15]), ("gray", [128, 128, 128])];
+pub const BACKGROUNDS: [(&str, [u8; 3]); 3] =
+    [("white", [245, 245, 245]), ("black", [15, 15, 15]), ("gray", [128, 128, 128])];
 
 /// The shapes the model draws.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

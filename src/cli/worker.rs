@@ -82,7 +82,7 @@ async fn serve(args: WorkerArgs) -> anyhow::Result<()> {
         load: LoadOptions { device, dtype },
         input_limits,
     });
-    let worker = Worker::new(queue, engine, JobLimits::default(), input_limits.max_bytes);
+    let worker = Worker::new(queue, std::sync::Arc::new(engine), JobLimits::default(), input_limits.max_bytes);
     let (shutdown_tx, shutdown_rx) = watch::channel(None);
     tokio::spawn(translate_signals(shutdown_tx));
     let report = worker.run(shutdown_rx).await?;

@@ -62,6 +62,30 @@ pub struct JobOutput {
     pub timings: Timings,
 }
 
+/// What the worker needs from an engine: run one job to completion, cancellation or failure (blocking).
+/// [`Engine`] is the real one; the queue benchmark measures the transport alone with a runner that answers at once.
+pub trait JobRunner: Send + Sync + 'static {
+    fn run(
+        &self,
+        spec: &JobSpec,
+        inputs: &JobInputs,
+        control: &JobControl,
+        on_step: &mut dyn FnMut(StepProgress),
+    ) -> Result<JobOutput, JobError>;
+}
+
+impl JobRunner for Engine {
+    fn run(
+        &self,
+        spec: &JobSpec,
+        inputs: &JobInputs,
+        control: &JobControl,
+        on_step: &mut dyn FnMut(StepProgress),
+    ) -> Result<JobOutput, JobError> {
+        Engine::run(self, spec, inputs, control, on_step)
+    }
+}
+
 /// Runs jobs; share one per worker.
 pub struct Engine {
     models: ModelCache,

@@ -15,7 +15,7 @@ use tracing::Instrument;
 
 use super::setup::Queue;
 use super::QueueError;
-use crate::engine::{Engine, JobControl, JobInputs, JobOutput};
+use crate::engine::{JobControl, JobInputs, JobOutput, JobRunner};
 use crate::job::{
     self, ErrorCode, JobError, JobLimits, JobResult, JobSpec, JobStatus, ProgressEvent, PROTOCOL_VERSION,
 };
@@ -48,7 +48,7 @@ struct Running {
 
 pub struct Worker {
     queue: Arc<Queue>,
-    engine: Arc<Engine>,
+    engine: Arc<dyn JobRunner>,
     limits: JobLimits,
     max_input_bytes: usize,
     running: Mutex<HashMap<String, Running>>,
@@ -64,10 +64,10 @@ enum Outcome {
 }
 
 impl Worker {
-    pub fn new(queue: Queue, engine: Engine, limits: JobLimits, max_input_bytes: usize) -> Arc<Self> {
+    pub fn new(queue: Queue, engine: Arc<dyn JobRunner>, limits: JobLimits, max_input_bytes: usize) -> Arc<Self> {
         Arc::new(Self {
             queue: Arc::new(queue),
-            engine: Arc::new(engine),
+            engine,
             limits,
             max_input_bytes,
             running: Mutex::new(HashMap::new()),
