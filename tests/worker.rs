@@ -399,3 +399,30 @@ async fn invalid_jobs_get_an_error_result_and_are_not_retried() {
     let info = queue.jobs.clone().info().await.unwrap().clone();
     assert_eq!(info.state.messages, 0, "refused jobs must be terminated, not left for redelivery");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn edit_jobs_take_their_inputs_inline_or_from_the_object_store() {
+    let server = NatsServer::start();
+    let queue = client(&server).await;
+    let _worker = WorkerProcess::start(&server, "w", &[]);
+    let photo =
+        std::fs::read(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/data/photos/astronaut.png")).unwrap();
+    let mut mask = Vec::new();
+    image::DynamicImage::ImageLuma8(image::GrayImage::from_fn(128, 128, |x, _| {
+        image::Luma([if x >= 64 { 255 } else { 0 }])
+    }))
+    .write_to(&mut std::io::Cursor::new(&mut mask), image::ImageFormat::Png)
+    .unwrap();
+    let mut edit = job("edit-1", "sd15", 2);
+    edit.kind = JobKind::Edit;
+    edit.image = Some(queue.upload_input("edit-1", "image", &photo).await.unwrap());
+    edit.mask = Some(ImageRef::Inline(base64::engine::general_purpose::STANDARD.encode(&mask)));
+    edit.width = Some(64);
+    edit.height = Some(64);
+    let result = queue.submit(&edit, WAIT, |_| {}).await.unwrap();
+    assert_eq!(result.status, JobStatus::Ok, "{result:?}");
+    let out = decode_images(&queue, &result).await.remove(0).to_rgb8();
+    // Unmasked (left) half: the photo, fitted to 64×64, exactly.
+    let original = imago::diffusion::input::fit_image(&image::load_from_memory(&photo).unwrap().to_rgb8(), 64, 64);
+    assert!((0..64).all(|y| (0..32).all(|x| out.get_pixel(x, y) == original.get_pixel(x, y))));
+}
