@@ -19,7 +19,8 @@ use imago::engine::{JobControl, JobInputs, JobOutput, JobRunner};
 use imago::job::{
     JobError, JobKind, JobLimits, JobMessage, JobResult, JobSpec, OutputFormat, Timings, PROTOCOL_VERSION,
 };
-use imago::queue::{Queue, QueueConfig, Shutdown, Worker};
+use imago::queue::{Queue, QueueConfig, Shutdown, Worker, WorkerSettings};
+use imago::telemetry::Metrics;
 
 /// Answers every job at once with the same small PNG: what remains is the worker's own cost.
 struct InstantRunner {
@@ -41,6 +42,9 @@ impl JobRunner for InstantRunner {
             width: 64,
             height: 64,
             format: OutputFormat::Png,
+            steps: 1,
+            guidance: 0.0,
+            scheduler: "euler".into(),
             timings: Timings::default(),
         })
     }
@@ -96,7 +100,9 @@ async fn worker_overhead(server: &nats::NatsServer, n: usize) -> (f64, Duration,
         .unwrap();
     let worker_queue =
         Queue::setup(async_nats::connect(server.url()).await.unwrap(), QueueConfig::default()).await.unwrap();
-    let worker = Worker::new(worker_queue, Arc::new(InstantRunner { png }), JobLimits::default(), 1 << 20);
+    let settings =
+        WorkerSettings { limits: JobLimits::default(), max_input_bytes: 1 << 20, metrics: Arc::new(Metrics::new()) };
+    let worker = Worker::new(Arc::new(worker_queue), Arc::new(InstantRunner { png }), settings);
     let (stop, stop_rx) = tokio::sync::watch::channel(None);
     let running = tokio::spawn(worker.run(stop_rx));
 

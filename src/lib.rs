@@ -7,9 +7,12 @@
 //! - [`engine`]: runs validated jobs on loaded models: model cache, inputs, cancellation, deadlines. No NATS.
 //! - [`queue`]: the NATS JetStream transport: streams, the pull loop, results, progress, cancel, dead letters.
 //!
+//! - [`telemetry`]: Prometheus metrics and health endpoints, aggregate only.
+//!
 //! Dependencies point one way: `queue` → `engine` → `diffusion`, with `job` used by all three.
 
 pub mod diffusion;
 pub mod engine;
 pub mod job;
 pub mod queue;
+pub mod telemetry;

@@ -5,119 +5,14 @@ mod common;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use base64::Engine as _;
 use common::nats::NatsServer;
-use common::tiny_model_dir;
+use common::workers::{client, job, publish, WorkerProcess, WAIT};
 use futures::StreamExt;
-use imago::diffusion::tiny::TinyFamily;
-use imago::job::{ErrorCode, ImageRef, JobKind, JobMessage, JobResult, JobStatus, OutputFormat, PROTOCOL_VERSION};
-use imago::queue::{Queue, QueueConfig};
-
-/// A worker process; SIGKILLed on drop unless it already exited.
-struct WorkerProcess {
-    child: Child,
-    name: String,
-    log: PathBuf,
-}
-
-impl WorkerProcess {
-    fn start(server: &NatsServer, name: &str, extra: &[&str]) -> Self {
-        let models = tiny_model_dir(TinyFamily::SdTurbo).parent().unwrap().to_path_buf();
-        tiny_model_dir(TinyFamily::Sd15);
-        let log = server.dir.path().join(format!("{name}.log"));
-        let child = Command::new(env!("CARGO_BIN_EXE_imago"))
-            .args(["worker", "--nats", &server.url(), "--models"])
-            .arg(&models)
-            .args(["--name", name, "--ack-wait", "2", "--max-deliver", "3", "--retry-backoff-ms", "100"])
-            .args(extra)
-            .env("RUST_LOG", "imago=debug")
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).unwrap())
-            .spawn()
-            .expect("start worker");
-        Self { child, name: name.to_string(), log }
-    }
-
-    fn signal(&self, signal: &str) {
-        let status = Command::new("kill").args([signal, &self.child.id().to_string()]).status().unwrap();
-        assert!(status.success());
-    }
-
-    /// Waits for exit and returns the exit code.
-    fn wait(&mut self, timeout: Duration) -> i32 {
-        let started = std::time::Instant::now();
-        loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                return status.code().unwrap_or(-1);
-            }
-            assert!(started.elapsed() < timeout, "worker {} did not exit; log:\n{}", self.name, self.log());
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-}
-
-impl Drop for WorkerProcess {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-async fn client(server: &NatsServer) -> Queue {
-    let client = async_nats::connect(server.url()).await.unwrap();
-    Queue::setup(client, QueueConfig { ack_wait: Duration::from_secs(2), max_deliver: 3, ..QueueConfig::default() })
-        .await
-        .unwrap()
-}
-
-fn job(id: &str, model: &str, steps: u32) -> JobMessage {
-    JobMessage {
-        v: PROTOCOL_VERSION,
-        id: id.into(),
-        kind: JobKind::Generate,
-        model: model.into(),
-        prompt: format!("a red circle {id}"),
-        negative_prompt: String::new(),
-        width: None,
-        height: None,
-        steps: Some(steps),
-        guidance: None,
-        seed: Some(1),
-        scheduler: None,
-        batch: 1,
-        strength: None,
-        mask_blur: 0.0,
-        image: None,
-        mask: None,
-        private: false,
-        training_opt_in: false,
-        user: Some("user-1".into()),
-        reply: None,
-        deadline_ms: None,
-        output_format: OutputFormat::Png,
-    }
-}
-
-/// Publishes without waiting (the test collects results itself).
-async fn publish(queue: &Queue, job: &JobMessage) {
-    let mut headers = async_nats::HeaderMap::new();
-    headers.insert("Nats-Msg-Id", job.id.as_str());
-    let subject = queue.config.names.jobs(job.kind.as_str());
-    queue
-        .js
-        .publish_with_headers(subject, headers, serde_json::to_vec(job).unwrap().into())
-        .await
-        .unwrap()
-        .await
-        .unwrap();
-}
+use imago::job::{ErrorCode, ImageRef, JobKind, JobResult, JobStatus};
+use imago::queue::Queue;
 
 async fn decode_images(queue: &Queue, result: &JobResult) -> Vec<image::DynamicImage> {
     let mut images = Vec::new();
@@ -127,8 +22,6 @@ async fn decode_images(queue: &Queue, result: &JobResult) -> Vec<image::DynamicI
     }
     images
 }
-
-const WAIT: Duration = Duration::from_secs(120);
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_hundred_jobs_through_three_workers_are_each_answered_exactly_once() {
@@ -415,7 +308,7 @@ async fn edit_jobs_take_their_inputs_inline_or_from_the_object_store() {
     .unwrap();
     let mut edit = job("edit-1", "sd15", 2);
     edit.kind = JobKind::Edit;
-    edit.image = Some(queue.upload_input("edit-1", "image", &photo).await.unwrap());
+    edit.image = Some(queue.upload_input("edit-1", "image", &photo, Some("user-1")).await.unwrap());
     edit.mask = Some(ImageRef::Inline(base64::engine::general_purpose::STANDARD.encode(&mask)));
     edit.width = Some(64);
     edit.height = Some(64);

@@ -96,12 +96,13 @@ async fn submit(args: SubmitArgs) -> anyhow::Result<()> {
         let id = id.clone();
         let name = name.to_string();
         let path = path.to_path_buf();
+        let user = args.user.clone();
         async move {
             let bytes = std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
             anyhow::Ok(if bytes.len() <= INLINE_INPUT_LIMIT {
                 ImageRef::Inline(base64::engine::general_purpose::STANDARD.encode(&bytes))
             } else {
-                queue.upload_input(&id, &name, &bytes).await?
+                queue.upload_input(&id, &name, &bytes, user.as_deref()).await?
             })
         }
     };

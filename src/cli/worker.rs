@@ -11,7 +11,9 @@ use imago::diffusion::input::InputLimits;
 use imago::diffusion::model::LoadOptions;
 use imago::engine::{Engine, EngineConfig, ModelDirectory};
 use imago::job::JobLimits;
-use imago::queue::{QueueConfig, Shutdown, Worker};
+use imago::queue::{serve_admin, QueueConfig, Shutdown, Worker, WorkerSettings};
+use imago::telemetry::Metrics;
+use std::sync::Arc;
 use tokio::sync::watch;
 
 use super::connect::ConnectArgs;
@@ -47,6 +49,9 @@ pub struct WorkerArgs {
     /// First retry delay of a transient failure, in milliseconds (doubles per delivery).
     #[arg(long, default_value_t = 1000)]
     pub retry_backoff_ms: u64,
+    /// Serve Prometheus metrics and health checks here (e.g. 0.0.0.0:9464; port 0 picks one and prints it).
+    #[arg(long, env = "IMAGO_METRICS_ADDR")]
+    pub metrics_addr: Option<std::net::SocketAddr>,
     /// Worker name in results and server monitoring.
     #[arg(long)]
     pub name: Option<String>,
@@ -82,10 +87,19 @@ async fn serve(args: WorkerArgs) -> anyhow::Result<()> {
         load: LoadOptions { device, dtype },
         input_limits,
     });
-    let worker = Worker::new(queue, std::sync::Arc::new(engine), JobLimits::default(), input_limits.max_bytes);
+    let metrics = Arc::new(Metrics::new());
+    if let Some(addr) = args.metrics_addr {
+        let (bound, _server) = imago::telemetry::serve(addr, metrics.clone()).await?;
+        eprintln!("metrics on http://{bound}/metrics (health: /healthz, /readyz)");
+    }
+    let queue = Arc::new(queue);
+    let admin = serve_admin(queue.clone()).await?;
+    let settings = WorkerSettings { limits: JobLimits::default(), max_input_bytes: input_limits.max_bytes, metrics };
+    let worker = Worker::new(queue, Arc::new(engine), settings);
     let (shutdown_tx, shutdown_rx) = watch::channel(None);
     tokio::spawn(translate_signals(shutdown_tx));
     let report = worker.run(shutdown_rx).await?;
+    admin.abort();
     eprintln!(
         "worker stopped: {} completed, {} failed, {} cancelled, {} handed back, {} answered from stored results",
         report.completed, report.failed, report.cancelled, report.handed_back, report.answered_from_results

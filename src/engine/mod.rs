@@ -2,6 +2,7 @@
 //! cancellation and deadlines, and knows nothing about NATS: a job arrives as a [`JobSpec`] plus its input bytes
 //! and leaves as encoded images or a [`JobError`] whose code decides what the transport does with it.
 
+mod faults;
 mod models;
 
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -10,6 +11,7 @@ use std::time::{Instant, SystemTime};
 
 use image::{GrayImage, RgbImage};
 
+pub use faults::{generate_in_chunks, is_device_lost, is_out_of_memory, run_in_chunks, DeviceHealth};
 pub use models::{ModelCache, ModelDirectory};
 
 use crate::diffusion::edit::{default_edit_size, EditInputs, EditParams};
@@ -59,6 +61,10 @@ pub struct JobOutput {
     pub width: u32,
     pub height: u32,
     pub format: OutputFormat,
+    /// The parameters the model ran with (defaults filled in).
+    pub steps: u32,
+    pub guidance: f64,
+    pub scheduler: String,
     pub timings: Timings,
 }
 
@@ -72,6 +78,12 @@ pub trait JobRunner: Send + Sync + 'static {
         control: &JobControl,
         on_step: &mut dyn FnMut(StepProgress),
     ) -> Result<JobOutput, JobError>;
+
+    /// The fault that made the device unusable (a context-killing CUDA error), if one happened: the worker then
+    /// hands its jobs back and stops, for a supervisor to restart it on a fresh context.
+    fn device_lost(&self) -> Option<String> {
+        None
+    }
 }
 
 impl JobRunner for Engine {
@@ -84,12 +96,17 @@ impl JobRunner for Engine {
     ) -> Result<JobOutput, JobError> {
         Engine::run(self, spec, inputs, control, on_step)
     }
+
+    fn device_lost(&self) -> Option<String> {
+        self.health.lost()
+    }
 }
 
 /// Runs jobs; share one per worker.
 pub struct Engine {
     models: ModelCache,
     input_limits: InputLimits,
+    health: DeviceHealth,
 }
 
 fn random_seed() -> u64 {
@@ -99,11 +116,27 @@ fn random_seed() -> u64 {
 
 impl Engine {
     pub fn new(config: EngineConfig) -> Self {
-        Self { models: ModelCache::new(config.models, config.load), input_limits: config.input_limits }
+        Self {
+            models: ModelCache::new(config.models, config.load),
+            input_limits: config.input_limits,
+            health: DeviceHealth::default(),
+        }
     }
 
     /// Runs one job to completion, cancellation or failure. Blocking: call it from a blocking thread.
+    /// After a context-killing device fault every job is refused (see [`JobRunner::device_lost`]).
     pub fn run(
+        &self,
+        spec: &JobSpec,
+        inputs: &JobInputs,
+        control: &JobControl,
+        on_step: &mut dyn FnMut(StepProgress),
+    ) -> Result<JobOutput, JobError> {
+        self.health.ensure_usable()?;
+        self.health.observe(self.run_on_device(spec, inputs, control, on_step))
+    }
+
+    fn run_on_device(
         &self,
         spec: &JobSpec,
         inputs: &JobInputs,
@@ -138,12 +171,15 @@ impl Engine {
         let (params, generated) = match spec.kind {
             JobKind::Generate => {
                 let params = model.params(request).map_err(|e| diffusion_error(e, control))?;
-                let generated = model.generate(&params, &mut progress);
+                let generated = generate_in_chunks(&params, |p| model.generate(p, &mut progress));
                 (params, generated)
             }
             JobKind::Edit => {
                 let (params, image, mask) = self.prepare_edit(&model, spec, inputs, request, control)?;
-                let generated = model.edit(&params, &EditInputs { image: &image, mask: mask.as_ref() }, &mut progress);
+                let inputs = EditInputs { image: &image, mask: mask.as_ref() };
+                let generated = generate_in_chunks(&params.generate, |p| {
+                    model.edit(&EditParams { generate: p.clone(), ..params.clone() }, &inputs, &mut progress)
+                });
                 (params.generate, generated)
             }
         };
@@ -213,6 +249,9 @@ fn encode_output(
         width: params.width as u32,
         height: params.height as u32,
         format: spec.output_format,
+        steps: params.steps as u32,
+        guidance: params.guidance,
+        scheduler: params.scheduler.name().to_string(),
         timings: Timings {
             queue_ms: None,
             text_encode_ms: ms(t.text_encode),
@@ -248,11 +287,6 @@ fn diffusion_error(e: DiffusionError, control: &JobControl) -> JobError {
         _ => e.to_string(),
     };
     JobError::new(code, message)
-}
-
-fn is_out_of_memory(message: &str) -> bool {
-    let m = message.to_ascii_lowercase();
-    m.contains("out of memory") || m.contains("out_of_memory")
 }
 
 #[cfg(test)]

@@ -84,10 +84,23 @@ impl Queue {
         }
     }
 
-    /// Uploads an input image to the object store under `inputs/<job id>/<name>`.
-    pub async fn upload_input(&self, job_id: &str, name: &str, bytes: &[u8]) -> Result<ImageRef, QueueError> {
+    /// Uploads an input image to the object store under `inputs/<job id>/<name>`, tagged with the user (so a
+    /// deletion request removes inputs too).
+    pub async fn upload_input(
+        &self,
+        job_id: &str,
+        name: &str,
+        bytes: &[u8],
+        user: Option<&str>,
+    ) -> Result<ImageRef, QueueError> {
         let key = format!("inputs/{job_id}/{name}");
-        self.images.put(key.as_str(), &mut &bytes[..]).await.map_err(|e| QueueError::Publish(format!("{key}: {e}")))?;
+        let mut metadata = std::collections::HashMap::from([("job".to_string(), job_id.to_string())]);
+        if let Some(user) = user {
+            metadata.insert("user".to_string(), user.to_string());
+        }
+        let meta =
+            async_nats::jetstream::object_store::ObjectMetadata { name: key.clone(), metadata, ..Default::default() };
+        self.images.put(meta, &mut &bytes[..]).await.map_err(|e| QueueError::Publish(format!("{key}: {e}")))?;
         Ok(ImageRef::Object(key))
     }
 }

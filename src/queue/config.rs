@@ -46,6 +46,17 @@ impl Names {
     pub fn dead_stream(&self) -> String {
         format!("{}_DEAD", self.upper())
     }
+    /// Anonymized samples of opted-in jobs.
+    pub fn training(&self) -> String {
+        format!("{}.training.samples", self.prefix)
+    }
+    pub fn training_stream(&self) -> String {
+        format!("{}_TRAINING", self.upper())
+    }
+    /// Admin requests (`delete_user`, `export_user`): `<prefix>.admin.<operation>`.
+    pub fn admin(&self) -> String {
+        format!("{}.admin", self.prefix)
+    }
     /// The durable pull consumer every worker shares.
     pub fn consumer(&self) -> String {
         format!("{}-workers", self.prefix.replace('.', "-"))

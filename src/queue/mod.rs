@@ -3,6 +3,7 @@
 //! progress events and cancellations are subjects of their own; large images live in an object store bucket.
 //! See the README's protocol section for the full picture.
 
+mod admin;
 mod client;
 mod config;
 mod connect;
@@ -10,11 +11,12 @@ mod setup;
 mod transport;
 mod worker;
 
+pub use admin::{serve_admin, StoredObject, UserDeletion, UserExport};
 pub use config::{ConnectConfig, Names, QueueConfig};
 pub use connect::connect;
 pub use setup::Queue;
-pub use transport::JOB_ID_HEADER;
-pub use worker::{Shutdown, Worker, WorkerReport};
+pub use transport::{TrainingSample, JOB_ID_HEADER, USER_HEADER};
+pub use worker::{Shutdown, Worker, WorkerReport, WorkerSettings};
 
 /// Transport failures (the job-level failures are [`crate::job::JobError`]).
 #[derive(Debug, thiserror::Error)]

@@ -14,6 +14,7 @@ pub struct Queue {
     pub results: stream::Stream,
     pub cancels: stream::Stream,
     pub dead: stream::Stream,
+    pub training: stream::Stream,
     pub consumer: consumer::PullConsumer,
     pub images: object_store::ObjectStore,
     pub config: QueueConfig,
@@ -94,6 +95,17 @@ impl Queue {
             "dead-letter stream",
         )
         .await?;
+        let training = ensure_stream(
+            &js,
+            stream::Config {
+                name: n.training_stream(),
+                subjects: vec![n.training()],
+                storage: stream::StorageType::File,
+                ..Default::default()
+            },
+            "training stream",
+        )
+        .await?;
         let consumer: consumer::PullConsumer = jobs
             .get_or_create_consumer(
                 &n.consumer(),
@@ -118,6 +130,6 @@ impl Queue {
                 .await
                 .map_err(|e| setup_error("images bucket")(&e))?,
         };
-        Ok(Self { client, js, jobs, results, cancels, dead, consumer, images, config })
+        Ok(Self { client, js, jobs, results, cancels, dead, training, consumer, images, config })
     }
 }

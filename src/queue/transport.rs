@@ -7,10 +7,34 @@ use tokio::io::AsyncReadExt;
 
 use super::setup::Queue;
 use super::QueueError;
-use crate::job::{ErrorCode, ImageRef, JobError, JobResult, OutputFormat, ProgressEvent};
+use crate::engine::JobOutput;
+use crate::job::{
+    ErrorCode, ImageRef, JobError, JobKind, JobResult, JobSpec, OutputFormat, ProgressEvent, PROTOCOL_VERSION,
+};
 
 /// Header carrying the job id on results and dead letters (`Nats-Msg-Id` is the server's dedup key).
 pub const JOB_ID_HEADER: &str = "Imago-Job-Id";
+/// Header carrying the pseudonymous user on stored results.
+pub const USER_HEADER: &str = "Imago-User";
+
+/// A training sample: what the model was asked and what it drew, nothing that identifies who asked — no job id,
+/// user, reply subject, worker, timing or input image.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct TrainingSample {
+    pub v: u32,
+    pub kind: JobKind,
+    pub model: String,
+    pub prompt: String,
+    pub negative_prompt: String,
+    pub width: u32,
+    pub height: u32,
+    pub steps: u32,
+    pub guidance: f64,
+    pub scheduler: String,
+    pub seed: u64,
+    pub format: OutputFormat,
+    pub image: ImageRef,
+}
 
 impl Queue {
     /// A result already published for `id` (a redelivered job is answered from it, not recomputed).
@@ -25,12 +49,21 @@ impl Queue {
         self.cancels.get_last_raw_message_by_subject(&subject).await.is_ok()
     }
 
-    /// Publishes a result to the results stream (persisted, deduplicated per job) and to the reply subject.
-    pub async fn publish_result(&self, result: &JobResult, reply: Option<&str>) -> Result<(), QueueError> {
+    /// Publishes a result to the results stream (persisted, deduplicated per job) and to the reply subject. The
+    /// pseudonymous user travels in a header so that a deletion or export request can find the user's results.
+    pub async fn publish_result(
+        &self,
+        result: &JobResult,
+        reply: Option<&str>,
+        user: Option<&str>,
+    ) -> Result<(), QueueError> {
         let payload = Bytes::from(serde_json::to_vec(result).map_err(|e| QueueError::Publish(e.to_string()))?);
         let mut headers = async_nats::HeaderMap::new();
         headers.insert("Nats-Msg-Id", format!("result-{}", result.id).as_str());
         headers.insert(JOB_ID_HEADER, result.id.as_str());
+        if let Some(user) = user {
+            headers.insert(USER_HEADER, user);
+        }
         let subject = self.config.names.results(&result.id);
         self.js
             .publish_with_headers(subject, headers, payload.clone())
@@ -124,6 +157,47 @@ impl Queue {
         }
     }
 
+    /// Publishes one anonymized sample per image of an opted-in job on `<prefix>.training.samples`. Large images go
+    /// to the bucket under a random key with no user tag. Failures are logged: the job itself has succeeded.
+    pub async fn publish_training_samples(&self, spec: &JobSpec, output: &JobOutput) {
+        for (image, seed) in output.images.iter().zip(&output.seeds) {
+            let image_ref = if image.len() * 4 / 3 + 1024 <= self.config.inline_limit {
+                ImageRef::Inline(base64::engine::general_purpose::STANDARD.encode(image))
+            } else {
+                let key = format!("training/{}", anonymous_key());
+                if let Err(e) = self.images.put(key.as_str(), &mut image.as_slice()).await {
+                    tracing::warn!(error = %e, "training sample image not stored");
+                    continue;
+                }
+                ImageRef::Object(key)
+            };
+            let sample = TrainingSample {
+                v: PROTOCOL_VERSION,
+                kind: spec.kind,
+                model: spec.model.clone(),
+                prompt: spec.prompt.clone(),
+                negative_prompt: spec.negative_prompt.clone(),
+                width: output.width,
+                height: output.height,
+                steps: output.steps,
+                guidance: output.guidance,
+                scheduler: output.scheduler.clone(),
+                seed: *seed,
+                format: output.format,
+                image: image_ref,
+            };
+            let Ok(payload) = serde_json::to_vec(&sample) else { continue };
+            match self.js.publish(self.config.names.training(), payload.into()).await {
+                Ok(ack) => {
+                    if let Err(e) = ack.await {
+                        tracing::warn!(error = %e, "training sample not acknowledged");
+                    }
+                }
+                Err(e) => tracing::warn!(error = %e, "training sample not published"),
+            }
+        }
+    }
+
     /// Records a job that will not be retried on `<prefix>.dead.<kind>`, with the reason in headers.
     pub async fn dead_letter(
         &self,
@@ -149,4 +223,20 @@ impl Queue {
             Err(e) => tracing::error!(job = id, error = %e, "dead letter not published"),
         }
     }
+}
+
+/// A random key that cannot be linked back to a job (OS randomness, not derived from anything of the job).
+fn anonymous_key() -> String {
+    let mut bytes = [0u8; 16];
+    if getrandom_fill(&mut bytes).is_err() {
+        let nanos =
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
+        bytes.copy_from_slice(&nanos.to_le_bytes());
+    }
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn getrandom_fill(bytes: &mut [u8]) -> std::io::Result<()> {
+    use std::io::Read;
+    std::fs::File::open("/dev/urandom")?.read_exact(bytes)
 }

@@ -19,6 +19,7 @@ use crate::engine::{JobControl, JobInputs, JobOutput, JobRunner};
 use crate::job::{
     self, ErrorCode, JobError, JobLimits, JobResult, JobSpec, JobStatus, ProgressEvent, PROTOCOL_VERSION,
 };
+use crate::telemetry::{JobRecord, Metrics};
 
 /// What the signal handler asks of the worker.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -46,8 +47,17 @@ struct Running {
     handback: Arc<AtomicBool>,
 }
 
+/// How a worker judges and measures jobs.
+pub struct WorkerSettings {
+    pub limits: JobLimits,
+    /// Largest input image accepted (inline or from the object store).
+    pub max_input_bytes: usize,
+    pub metrics: Arc<Metrics>,
+}
+
 pub struct Worker {
     queue: Arc<Queue>,
+    metrics: Arc<Metrics>,
     engine: Arc<dyn JobRunner>,
     limits: JobLimits,
     max_input_bytes: usize,
@@ -64,12 +74,13 @@ enum Outcome {
 }
 
 impl Worker {
-    pub fn new(queue: Queue, engine: Arc<dyn JobRunner>, limits: JobLimits, max_input_bytes: usize) -> Arc<Self> {
+    pub fn new(queue: Arc<Queue>, engine: Arc<dyn JobRunner>, settings: WorkerSettings) -> Arc<Self> {
         Arc::new(Self {
-            queue: Arc::new(queue),
+            queue,
+            metrics: settings.metrics,
             engine,
-            limits,
-            max_input_bytes,
+            limits: settings.limits,
+            max_input_bytes: settings.max_input_bytes,
             running: Mutex::new(HashMap::new()),
             report: Mutex::new(WorkerReport::default()),
         })
@@ -85,6 +96,7 @@ impl Worker {
         let slots = Arc::new(Semaphore::new(self.queue.config.slots));
         let mut tasks = JoinSet::new();
         tracing::info!(worker = %self.queue.config.worker_name, slots = self.queue.config.slots, "worker started");
+        self.metrics.set_ready(true);
         // 1. pull while there is a free slot and no shutdown
         while shutdown.borrow().is_none() {
             let permit = tokio::select! {
@@ -118,6 +130,7 @@ impl Worker {
         let deadline = tokio::time::Instant::now()
             + if mode == Some(Shutdown::Quit) { Duration::ZERO } else { self.queue.config.drain_timeout };
         tracing::info!(?mode, running = tasks.len(), "worker draining");
+        self.metrics.set_ready(false);
         loop {
             tokio::select! {
                 next = tasks.join_next() => if next.is_none() { break },
@@ -224,10 +237,7 @@ impl Worker {
     ) -> Result<JobOutput, Stop> {
         let control = JobControl { cancel: Arc::new(AtomicBool::new(false)), deadline: spec.deadline };
         let handback = Arc::new(AtomicBool::new(false));
-        self.running
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(spec.id.clone(), Running { control: control.clone(), handback: handback.clone() });
+        self.track_running(&spec.id, Some(Running { control: control.clone(), handback: handback.clone() }));
         let (steps_tx, mut steps_rx) = tokio::sync::mpsc::unbounded_channel();
         let engine = self.engine.clone();
         let (job, run_control) = (spec.clone(), control.clone());
@@ -239,16 +249,19 @@ impl Worker {
         self.queue.publish_progress(&event(&spec.id, "started", None, None)).await;
         let mut heartbeat = tokio::time::interval(self.queue.config.ack_wait / 3);
         heartbeat.tick().await;
+        let mut last_step = std::time::Instant::now();
         let result = loop {
             tokio::select! {
                 done = &mut work => break done,
                 Some(step) = steps_rx.recv() => {
+                    self.metrics.step(last_step.elapsed());
+                    last_step = std::time::Instant::now();
                     self.queue.publish_progress(&event(&spec.id, "step", Some(step.step as u32), Some(step.total as u32))).await;
                 }
                 _ = heartbeat.tick() => ack(message, AckKind::Progress).await,
             }
         };
-        self.running.lock().unwrap_or_else(|e| e.into_inner()).remove(&spec.id);
+        self.track_running(&spec.id, None);
         let result =
             result.unwrap_or_else(|e| Err(JobError::new(ErrorCode::Internal, format!("the job's thread failed: {e}"))));
         match result {
@@ -257,14 +270,27 @@ impl Worker {
         }
     }
 
+    /// Adds (`Some`) or removes (`None`) a running job.
+    fn track_running(&self, id: &str, job: Option<Running>) {
+        let mut running = self.running.lock().unwrap_or_else(|e| e.into_inner());
+        match job {
+            Some(job) => running.insert(id.to_string(), job),
+            None => running.remove(id),
+        };
+        self.metrics.set_in_flight(running.len());
+    }
+
     async fn complete(&self, message: &jetstream::Message, spec: &JobSpec, output: JobOutput) -> Outcome {
         let queue_ms = message.info().ok().and_then(|i| {
             let published =
                 SystemTime::UNIX_EPOCH + Duration::from_nanos(i.published.unix_timestamp_nanos().max(0) as u64);
             SystemTime::now().duration_since(published).ok()
         });
-        let mut timings = output.timings;
+        let mut timings = output.timings.clone();
         timings.queue_ms = queue_ms.map(|d| (d.as_millis() as u64).saturating_sub(timings.total_ms));
+        if let Some(wait) = timings.queue_ms {
+            self.metrics.observe_queue_wait(Duration::from_millis(wait));
+        }
         let mut result = JobResult {
             v: PROTOCOL_VERSION,
             id: spec.id.clone(),
@@ -276,7 +302,7 @@ impl Worker {
                     crate::job::ImageRef::Inline(base64::Engine::encode(&base64::engine::general_purpose::STANDARD, b))
                 })
                 .collect(),
-            seeds: output.seeds,
+            seeds: output.seeds.clone(),
             width: Some(output.width),
             height: Some(output.height),
             format: Some(output.format),
@@ -302,14 +328,26 @@ impl Worker {
                 }
             }
         }
-        if let Err(e) = self.queue.publish_result(&result, spec.reply.as_deref()).await {
+        if let Err(e) = self.queue.publish_result(&result, spec.reply.as_deref(), spec.user.as_deref()).await {
             tracing::warn!(error = %e, "publishing the result failed; handing the job back");
             ack(message, AckKind::Nak(Some(self.queue.config.retry_backoff))).await;
             return Outcome::Failed;
         }
+        if spec.training_opt_in && !spec.private {
+            self.queue.publish_training_samples(spec, &output).await;
+        }
         self.queue.publish_progress(&event(&spec.id, "done", None, None)).await;
         ack(message, AckKind::Ack).await;
-        tracing::info!(total_ms = result.timings.as_ref().map(|t| t.total_ms), "job completed");
+        self.metrics.job_finished(JobRecord {
+            kind: spec.kind.as_str(),
+            model: Some(&spec.model),
+            status: "ok",
+            error_code: None,
+            private: spec.private,
+            images: output.images.len() as u64,
+            duration: Duration::from_millis(output.timings.total_ms),
+        });
+        tracing::info!(total_ms = output.timings.total_ms, "job completed");
         Outcome::Completed
     }
 
@@ -348,13 +386,23 @@ impl Worker {
         outcome: Outcome,
     ) -> Outcome {
         result.worker = Some(self.queue.config.worker_name.clone());
-        if let Err(e) = self.queue.publish_result(&result, spec.reply.as_deref()).await {
+        if let Err(e) = self.queue.publish_result(&result, spec.reply.as_deref(), spec.user.as_deref()).await {
             tracing::warn!(error = %e, "publishing the result failed; handing the job back");
             ack(message, AckKind::Nak(Some(self.queue.config.retry_backoff))).await;
             return Outcome::Failed;
         }
         self.queue.publish_progress(&event(&spec.id, "done", None, None)).await;
         ack(message, ack_kind).await;
+        let status = if result.status == JobStatus::Cancelled { "cancelled" } else { "error" };
+        self.metrics.job_finished(JobRecord {
+            kind: spec.kind.as_str(),
+            model: None,
+            status,
+            error_code: result.error.as_ref().map(|e| e.code.as_str()),
+            private: spec.private,
+            images: 0,
+            duration: Duration::ZERO,
+        });
         outcome
     }
 
@@ -376,8 +424,18 @@ impl Worker {
         tracing::warn!(job = %id, code = e.code.as_str(), "job rejected");
         let mut result = JobResult::failed(&id, JobStatus::Error, e.code, e.message);
         result.worker = Some(self.queue.config.worker_name.clone());
-        let _ = self.queue.publish_result(&result, reply.as_deref().filter(|r| !r.contains(['*', '>', ' ']))).await;
+        let _ =
+            self.queue.publish_result(&result, reply.as_deref().filter(|r| !r.contains(['*', '>', ' '])), None).await;
         ack(message, AckKind::Term).await;
+        self.metrics.job_finished(JobRecord {
+            kind: "invalid",
+            model: None,
+            status: "error",
+            error_code: Some(e.code.as_str()),
+            private: false,
+            images: 0,
+            duration: Duration::ZERO,
+        });
         Outcome::Failed
     }
 
@@ -436,7 +494,10 @@ impl Worker {
             result.worker = Some(self.queue.config.worker_name.clone());
             let reply = parsed.as_ref().and_then(|j| j.reply.clone());
             if self.queue.existing_result(&id).await.is_none() {
-                let _ = self.queue.publish_result(&result, reply.as_deref()).await;
+                let _ = self
+                    .queue
+                    .publish_result(&result, reply.as_deref(), parsed.as_ref().and_then(|j| j.user.as_deref()))
+                    .await;
             }
             let _ = self.queue.jobs.delete_message(seq).await;
             tracing::warn!(job = %id, "job dead-lettered after max deliveries");

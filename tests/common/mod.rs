@@ -3,6 +3,8 @@
 #![allow(dead_code)]
 
 pub mod nats;
+pub mod stress;
+pub mod workers;
 
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;

@@ -11,6 +11,7 @@ pub struct NatsServer {
     child: Option<Child>,
     pub dir: tempfile::TempDir,
     pub port: u16,
+    config: Option<PathBuf>,
 }
 
 fn binary() -> PathBuf {
@@ -40,7 +41,17 @@ fn binary() -> PathBuf {
 impl NatsServer {
     pub fn start() -> Self {
         let dir = tempfile::tempdir().expect("temp dir");
-        let mut server = Self { child: None, dir, port: 0 };
+        let mut server = Self { child: None, dir, port: 0, config: None };
+        server.spawn(None);
+        server
+    }
+
+    /// A server with extra configuration (e.g. a `tls { … }` block), written to a file in its directory.
+    pub fn start_with_config(config: &str) -> Self {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("nats.conf");
+        std::fs::write(&path, config).unwrap();
+        let mut server = Self { child: None, dir, port: 0, config: Some(path) };
         server.spawn(None);
         server
     }
@@ -50,7 +61,11 @@ impl NatsServer {
         let _ = std::fs::remove_dir_all(&ports_dir);
         std::fs::create_dir_all(&ports_dir).unwrap();
         let port_arg = port.map(|p| p.to_string()).unwrap_or_else(|| "-1".into());
-        let child = Command::new(binary())
+        let mut command = Command::new(binary());
+        if let Some(config) = &self.config {
+            command.arg("-c").arg(config);
+        }
+        let child = command
             .args(["-a", "127.0.0.1", "-p", &port_arg, "-js", "--ports_file_dir"])
             .arg(&ports_dir)
             .arg("-sd")
@@ -79,6 +94,10 @@ impl NatsServer {
 
     pub fn url(&self) -> String {
         format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    pub fn tls_url(&self) -> String {
+        format!("tls://localhost:{}", self.port)
     }
 
     /// Stops the server (SIGKILL) and starts it again on the same port with the same store.
