@@ -69,3 +69,33 @@ fn bad_input_exits_non_zero_naming_the_problem() {
         assert!(!stderr.contains("panicked"), "{args:?} panicked: {stderr}");
     }
 }
+
+#[test]
+fn worker_configuration_layers_file_then_environment_then_flags() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("worker.toml");
+    std::fs::write(
+        &file,
+        "slots = 3\nprefix = \"acme\"\nack_wait = 45\nnats_password = \"hunter2\"\nnats_user = \"w\"\n",
+    )
+    .unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_imago"))
+        .args(["worker", "--config", file.to_str().unwrap(), "--slots", "2", "--print-config"])
+        .env("IMAGO_NATS", "nats://10.9.8.7:4222")
+        .env("IMAGO_PREFIX", "from-env")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let printed: toml::Table = toml::from_str(&String::from_utf8_lossy(&out.stdout)).unwrap();
+    assert_eq!(printed["slots"].as_integer(), Some(2), "flag beats file");
+    assert_eq!(printed["ack_wait"].as_integer(), Some(45), "file beats default");
+    assert_eq!(printed["prefix"].as_str(), Some("from-env"), "environment beats file");
+    assert_eq!(printed["nats"].as_str(), Some("nats://10.9.8.7:4222"));
+    assert_eq!(printed["max_deliver"].as_integer(), Some(5), "default");
+    assert_eq!(printed["nats_password"].as_str(), Some("<redacted>"), "secrets are never printed");
+
+    std::fs::write(&file, "slotz = 3\n").unwrap();
+    let out = imago(&["worker", "--config", file.to_str().unwrap(), "--print-config"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("unknown field `slotz`"));
+}

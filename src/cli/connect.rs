@@ -5,11 +5,15 @@ use std::path::PathBuf;
 use clap::Args;
 use imago::queue::{ConnectConfig, Names, Queue, QueueConfig};
 
+pub const DEFAULT_NATS_URL: &str = "nats://127.0.0.1:4222";
+pub const DEFAULT_PREFIX: &str = "imago";
+
 #[derive(Debug, Clone, Args)]
 pub struct ConnectArgs {
     /// NATS server URL(s), comma-separated.
-    #[arg(long, env = "IMAGO_NATS", default_value = "nats://127.0.0.1:4222")]
-    pub nats: String,
+    /// [default: nats://127.0.0.1:4222]
+    #[arg(long, env = "IMAGO_NATS")]
+    pub nats: Option<String>,
     /// Credentials file (JWT + NKey seed).
     #[arg(long, env = "IMAGO_NATS_CREDS")]
     pub creds: Option<PathBuf>,
@@ -33,14 +37,15 @@ pub struct ConnectArgs {
     #[arg(long)]
     pub tls_key: Option<PathBuf>,
     /// Subject/stream prefix, so deployments can share a server.
-    #[arg(long, env = "IMAGO_PREFIX", default_value = "imago")]
-    pub prefix: String,
+    /// [default: imago]
+    #[arg(long, env = "IMAGO_PREFIX")]
+    pub prefix: Option<String>,
 }
 
 impl ConnectArgs {
     pub fn connect_config(&self, name: &str) -> ConnectConfig {
         ConnectConfig {
-            url: self.nats.clone(),
+            url: self.nats.clone().unwrap_or_else(|| DEFAULT_NATS_URL.to_string()),
             credentials_file: self.creds.clone(),
             nkey_seed: self.nkey.clone(),
             user: self.nats_user.clone(),
@@ -56,6 +61,7 @@ impl ConnectArgs {
     /// Connects and makes sure the streams, consumer and bucket exist.
     pub async fn queue(&self, name: &str, config: QueueConfig) -> anyhow::Result<Queue> {
         let client = imago::queue::connect(&self.connect_config(name)).await?;
-        Ok(Queue::setup(client, QueueConfig { names: Names::new(self.prefix.clone()), ..config }).await?)
+        let prefix = self.prefix.clone().unwrap_or_else(|| DEFAULT_PREFIX.to_string());
+        Ok(Queue::setup(client, QueueConfig { names: Names::new(prefix), ..config }).await?)
     }
 }
