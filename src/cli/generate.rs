@@ -4,6 +4,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context};
 use clap::Args;
+use imago::diffusion::default_model::default_model_dir;
 use imago::diffusion::hub::{resolve_model, HubOptions};
 use imago::diffusion::image_io::{encode_png, parameters_text, tensor_to_images};
 use imago::diffusion::model::{DiffusionModel, LoadOptions};
@@ -27,7 +28,8 @@ pub struct GenerationArgs {
     /// Output PNG; with --batch N, files are numbered (out-0.png, out-1.png, …).
     #[arg(short, long, default_value = "out.png")]
     pub output: PathBuf,
-    /// A diffusers folder or a hub repo id (owner/name), looked up in the Hugging Face cache.
+    /// A diffusers folder or a hub repo id (owner/name), looked up in the Hugging Face cache. Default: the embedded
+    /// model (`models/default`).
     #[arg(long, env = "IMAGO_MODEL")]
     pub model: Option<String>,
     /// What to steer away from (used when guidance > 1).
@@ -89,8 +91,12 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
 pub fn load_model(args: &GenerationArgs) -> anyhow::Result<(DiffusionModel, String)> {
     let device = parse_device(&args.device)?;
     let dtype = parse_dtype(args.dtype.as_deref(), &device)?;
-    let Some(spec) = args.model.clone() else {
-        bail!("no model given: pass --model with a diffusers folder or a hub repo id (or set IMAGO_MODEL)");
+    let spec = match (&args.model, default_model_dir()) {
+        (Some(spec), _) => spec.clone(),
+        (None, Some(default)) => default.to_string_lossy().into_owned(),
+        (None, None) => bail!(
+            "no model given and no default model installed: pass --model with a diffusers folder or a hub repo id"
+        ),
     };
     let hub = HubOptions { prefer_fp16: dtype != candle_core::DType::F32, ..HubOptions::from_env() };
     let root = resolve_model(&spec, &hub)?;

@@ -57,16 +57,29 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
     }
 }
 
-/// Logs go to stderr; `RUST_LOG` overrides the verbosity flags.
+/// Logs go to stderr; `RUST_LOG` overrides the verbosity flags — except that libraries which log whole messages
+/// at debug/trace level (the NATS client prints payloads: prompts, images, user ids) are held at info whatever is
+/// asked, so no log level can reveal user content.
 pub fn init_tracing(verbose: u8) {
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    use tracing_subscriber::Layer;
     let default = match verbose {
         0 => "warn,imago=info",
         1 => "info,imago=debug",
         _ => "debug,imago=trace",
     };
     let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| default.into());
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    let no_payloads = tracing_subscriber::filter::filter_fn(|meta| {
+        !(PAYLOAD_LOGGING_TARGETS.iter().any(|t| meta.target().starts_with(t)) && *meta.level() > tracing::Level::INFO)
+    });
+    let fmt =
+        tracing_subscriber::fmt::layer().with_writer(std::io::stderr).with_filter(filter).with_filter(no_payloads);
+    tracing_subscriber::registry().with(fmt).init();
 }
+
+/// Dependencies known to log message contents below info level.
+const PAYLOAD_LOGGING_TARGETS: &[&str] = &["async_nats"];
 
 #[cfg(test)]
 mod tests {

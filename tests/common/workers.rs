@@ -23,6 +23,10 @@ pub struct WorkerProcess {
 
 impl WorkerProcess {
     pub fn start(server: &NatsServer, name: &str, extra: &[&str]) -> Self {
+        Self::start_with_env(server, name, extra, &[("RUST_LOG", "imago=debug")])
+    }
+
+    pub fn start_with_env(server: &NatsServer, name: &str, extra: &[&str], env: &[(&str, &str)]) -> Self {
         let models = tiny_model_dir(TinyFamily::SdTurbo).parent().unwrap().to_path_buf();
         tiny_model_dir(TinyFamily::Sd15);
         let log = server.dir.path().join(format!("{name}.log"));
@@ -31,7 +35,7 @@ impl WorkerProcess {
             .arg(&models)
             .args(["--name", name, "--ack-wait", "2", "--max-deliver", "3", "--retry-backoff-ms", "100"])
             .args(extra)
-            .env("RUST_LOG", "imago=debug")
+            .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log).unwrap())
             .spawn()
