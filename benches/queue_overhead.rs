@@ -16,9 +16,7 @@ use async_nats::jetstream::{self, consumer, stream};
 use futures::StreamExt;
 use imago::diffusion::pipeline::StepProgress;
 use imago::engine::{JobControl, JobInputs, JobOutput, JobRunner};
-use imago::job::{
-    JobError, JobKind, JobLimits, JobMessage, JobResult, JobSpec, OutputFormat, Timings, PROTOCOL_VERSION,
-};
+use imago::job::{JobError, JobLimits, JobMessage, JobResult, JobSpec, OutputFormat, Timings};
 use imago::queue::{Queue, QueueConfig, Shutdown, Worker, WorkerSettings};
 use imago::telemetry::Metrics;
 
@@ -110,31 +108,7 @@ async fn worker_overhead(server: &nats::NatsServer, n: usize) -> (f64, Duration,
     let mut sent = HashMap::new();
     let started = Instant::now();
     for i in 0..n {
-        let job = JobMessage {
-            v: PROTOCOL_VERSION,
-            id: format!("b{i}"),
-            kind: JobKind::Generate,
-            model: "default".into(),
-            prompt: "x".into(),
-            negative_prompt: String::new(),
-            width: None,
-            height: None,
-            steps: None,
-            guidance: None,
-            seed: None,
-            scheduler: None,
-            batch: 1,
-            strength: None,
-            mask_blur: 0.0,
-            image: None,
-            mask: None,
-            private: false,
-            training_opt_in: false,
-            user: None,
-            reply: None,
-            deadline_ms: None,
-            output_format: OutputFormat::Png,
-        };
+        let job = JobMessage::generate(format!("b{i}"), "x");
         sent.insert(job.id.clone(), Instant::now());
         queue
             .js

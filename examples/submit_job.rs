@@ -7,7 +7,7 @@
 
 use std::time::Duration;
 
-use imago::job::{JobKind, JobMessage, JobStatus, OutputFormat, PROTOCOL_VERSION};
+use imago::job::{JobMessage, JobStatus};
 use imago::queue::{connect, ConnectConfig, Queue, QueueConfig};
 
 #[tokio::main]
@@ -19,31 +19,7 @@ async fn main() -> anyhow::Result<()> {
 
     let client = connect(&ConnectConfig { url, name: Some("submit-example".into()), ..Default::default() }).await?;
     let queue = Queue::setup(client, QueueConfig::default()).await?;
-    let job = JobMessage {
-        v: PROTOCOL_VERSION,
-        id: format!("example-{}", std::process::id()),
-        kind: JobKind::Generate,
-        model: "default".into(),
-        prompt,
-        negative_prompt: String::new(),
-        width: None,
-        height: None,
-        steps: None,
-        guidance: None,
-        seed: Some(42),
-        scheduler: None,
-        batch: 1,
-        strength: None,
-        mask_blur: 0.0,
-        image: None,
-        mask: None,
-        private: false,
-        training_opt_in: false,
-        user: None,
-        reply: None,
-        deadline_ms: None,
-        output_format: OutputFormat::Png,
-    };
+    let job = JobMessage { seed: Some(42), ..JobMessage::generate(format!("example-{}", std::process::id()), prompt) };
     let result = queue
         .submit(&job, Duration::from_secs(300), |event| {
             if let (Some(step), Some(total)) = (event.step, event.total) {

@@ -113,6 +113,38 @@ pub struct JobMessage {
     pub output_format: OutputFormat,
 }
 
+impl JobMessage {
+    /// A text-to-image job with every optional field absent (the model's defaults), for struct-update syntax:
+    /// `JobMessage { seed: Some(7), ..JobMessage::generate("job-1", "a red circle") }`.
+    pub fn generate(id: impl Into<String>, prompt: impl Into<String>) -> Self {
+        Self {
+            v: PROTOCOL_VERSION,
+            id: id.into(),
+            kind: JobKind::Generate,
+            model: default_model(),
+            prompt: prompt.into(),
+            negative_prompt: String::new(),
+            width: None,
+            height: None,
+            steps: None,
+            guidance: None,
+            seed: None,
+            scheduler: None,
+            batch: 1,
+            strength: None,
+            mask_blur: 0.0,
+            image: None,
+            mask: None,
+            private: false,
+            training_opt_in: false,
+            user: None,
+            reply: None,
+            deadline_ms: None,
+            output_format: OutputFormat::Png,
+        }
+    }
+}
+
 impl std::fmt::Debug for JobMessage {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("JobMessage")

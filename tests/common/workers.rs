@@ -5,7 +5,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use imago::diffusion::tiny::TinyFamily;
-use imago::job::{JobKind, JobMessage, OutputFormat, PROTOCOL_VERSION};
+use imago::job::JobMessage;
 use imago::queue::{Queue, QueueConfig};
 
 use super::nats::NatsServer;
@@ -81,29 +81,11 @@ pub async fn client(server: &NatsServer) -> Queue {
 
 pub fn job(id: &str, model: &str, steps: u32) -> JobMessage {
     JobMessage {
-        v: PROTOCOL_VERSION,
-        id: id.into(),
-        kind: JobKind::Generate,
         model: model.into(),
-        prompt: format!("a red circle {id}"),
-        negative_prompt: String::new(),
-        width: None,
-        height: None,
         steps: Some(steps),
-        guidance: None,
         seed: Some(1),
-        scheduler: None,
-        batch: 1,
-        strength: None,
-        mask_blur: 0.0,
-        image: None,
-        mask: None,
-        private: false,
-        training_opt_in: false,
         user: Some("user-1".into()),
-        reply: None,
-        deadline_ms: None,
-        output_format: OutputFormat::Png,
+        ..JobMessage::generate(id, format!("a red circle {id}"))
     }
 }
 
