@@ -19,17 +19,20 @@ mod folder;
 mod params;
 #[path = "train_default/plot.rs"]
 mod plot;
+#[path = "train_default/progress.rs"]
+mod progress;
 #[path = "train_default/scenes.rs"]
 #[allow(dead_code)]
 mod scenes;
+#[path = "train_default/text.rs"]
+mod text;
 
 use std::path::PathBuf;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use anyhow::Result;
 use clap::Parser;
 use imago::diffusion::model::ModelDefaults;
-use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::json;
 
 use autoencoder::{train_autoencoder, AutoencoderSettings, IMAGE_SIDE};
@@ -58,6 +61,12 @@ struct Args {
     /// Weight of the VAE's KL term against its L1 reconstruction loss.
     #[arg(long, default_value_t = 1e-4)]
     kl_weight: f64,
+    /// Extra VAE loss weight on pixels the shape covers.
+    #[arg(long, default_value_t = 4.0)]
+    foreground_weight: f64,
+    /// Weight of the VAE's edge loss (L1 of pixel differences), which sharpens reconstructions.
+    #[arg(long, default_value_t = 1.0)]
+    edge_weight: f64,
     /// Stage 2 (text encoder + UNet) optimizer steps.
     #[arg(long, default_value_t = 4000)]
     steps: usize,
@@ -76,6 +85,9 @@ struct Args {
     /// Fraction of empty captions (teaches the unconditional prediction classifier-free guidance needs).
     #[arg(long, default_value_t = 0.1)]
     caption_dropout: f64,
+    /// Reuse the VAE of an earlier run's output folder instead of training stage 1 (for experiments on stage 2).
+    #[arg(long)]
+    vae_from: Option<PathBuf>,
     /// CPU threads (0: all cores). On a busy machine 1 can be faster than 2.
     #[arg(long, default_value_t = 0)]
     threads: usize,
@@ -115,15 +127,6 @@ fn keep_freed_memory() {
 #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
 fn keep_freed_memory() {}
 
-fn progress_bar(prefix: &'static str) -> ProgressBar {
-    let style =
-        ProgressStyle::with_template("{prefix:>6} [{elapsed_precise}] {wide_bar} {pos}/{len} {msg} (eta {eta})")
-            .unwrap_or_else(|_| ProgressStyle::default_bar());
-    let bar = ProgressBar::new(0).with_style(style).with_prefix(prefix);
-    bar.enable_steady_tick(Duration::from_millis(500));
-    bar
-}
-
 fn main() -> Result<()> {
     keep_freed_memory();
     let args = Args::parse();
@@ -137,6 +140,8 @@ fn main() -> Result<()> {
         batch: args.vae_batch,
         learning_rate: args.vae_lr,
         kl_weight: args.kl_weight,
+        foreground_weight: args.foreground_weight,
+        edge_weight: args.edge_weight,
         seed: args.seed,
     };
     let denoiser_settings = DenoiserSettings {
@@ -150,8 +155,11 @@ fn main() -> Result<()> {
         seed: args.seed,
     };
 
-    let autoencoder = train_autoencoder(vae_settings, &progress_bar("vae"))?;
-    let denoiser = train_denoiser(denoiser_settings, &autoencoder, &progress_bar("unet"))?;
+    let autoencoder = match &args.vae_from {
+        Some(folder) => autoencoder::load_autoencoder(folder, args.seed)?,
+        None => train_autoencoder(vae_settings)?,
+    };
+    let denoiser = train_denoiser(denoiser_settings, &autoencoder)?;
 
     std::fs::create_dir_all(&args.out)?;
     let defaults = sampling_defaults();
@@ -174,7 +182,9 @@ fn main() -> Result<()> {
         "total_seconds": total.round(),
         "vae": {
             "steps": vae_settings.steps, "batch": vae_settings.batch, "learning_rate": vae_settings.learning_rate,
-            "kl_weight": vae_settings.kl_weight, "seconds": autoencoder.seconds.round(),
+            "kl_weight": vae_settings.kl_weight,
+            "foreground_weight": vae_settings.foreground_weight,
+            "edge_weight": vae_settings.edge_weight, "seconds": autoencoder.seconds.round(),
             "final_l1": tail_mean(&autoencoder.losses, 0.05), "held_out_l1": autoencoder.eval_l1,
             "scaling_factor": autoencoder.config.scaling_factor, "curve": vae_curve,
         },
@@ -184,7 +194,8 @@ fn main() -> Result<()> {
             "caption_dropout": denoiser_settings.caption_dropout, "min_snr_gamma": denoiser_settings.min_snr_gamma,
             "unet_parameters": denoiser.unet_parameters, "text_encoder_trainable_parameters": denoiser.text_parameters,
             "seconds": denoiser.seconds.round(), "final_loss": tail_mean(&denoiser.losses, 0.05),
-            "held_out_loss": denoiser.eval_loss, "curve": unet_curve,
+            "held_out_loss": denoiser.eval_loss.captioned,
+            "held_out_loss_without_captions": denoiser.eval_loss.uncaptioned, "curve": unet_curve,
         },
     });
     std::fs::write(args.out.join("training.json"), serde_json::to_string_pretty(&report)? + "\n")?;
@@ -193,7 +204,7 @@ fn main() -> Result<()> {
         args.out.display(),
         total / 60.0,
         autoencoder.eval_l1,
-        denoiser.eval_loss
+        denoiser.eval_loss.captioned
     );
     Ok(())
 }

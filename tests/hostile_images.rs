@@ -122,3 +122,16 @@ fn the_pixel_limit_bounds_memory_for_images_that_are_accepted() {
     let refused = decode_image(&png, &InputLimits { max_pixels: 999_999, ..Default::default() });
     assert_eq!(refused.unwrap_err().code(), "image_too_large");
 }
+
+#[test]
+fn a_webp_frame_larger_than_its_canvas_is_refused_before_it_is_decoded() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    // Found by fuzzing: a 31×23 animated WebP whose frame declares a huge size made the decoder allocate 264 MB.
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("fuzz/corpus/image_decode/regression-webp-frame-larger-than-canvas.webp");
+    let bytes = std::fs::read(&path).unwrap();
+    let (result, peak) = peak_allocation(|| decode_image(&bytes, &InputLimits::default()));
+    let err = result.unwrap_err();
+    assert_eq!(err.code(), "image_too_large", "{err}");
+    assert!(peak < 4096, "refusal allocated {peak} bytes");
+}

@@ -1,4 +1,4 @@
-//! Stage 1: the VAE. A small `AutoencoderKL` (32×32 RGB ↔ 8×8×4 latents) learns to reconstruct the shape
+//! Stage 1: the VAE. A small `AutoencoderKL` (32×32 RGB ↔ 8×8×8 latents) learns to reconstruct the shape
 //! pictures; a light KL term keeps the latent space smooth enough for diffusion. Afterwards the latents' spread
 //! gives `scaling_factor` (1 / std, as Stable Diffusion's VAE was calibrated).
 
@@ -6,19 +6,21 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::Instant;
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use candle_core::{DType, Device, Tensor};
 use candle_nn::{AdamW, Optimizer, ParamsAdamW};
 use imago::diffusion::config::VaeConfig;
 use imago::diffusion::noise::NoiseSource;
 use imago::diffusion::vae::Vae;
-use indicatif::ProgressBar;
 
 use crate::params::{frozen_builder, learning_rate, tail_mean, TrainableWeights};
+use crate::progress::Progress;
 use crate::scenes::Scene;
 
 /// Image side in pixels.
 pub const IMAGE_SIDE: usize = 32;
+/// Latent channels: 8 rather than SD's 4, so the 8×8 latents keep enough detail for star points.
+pub const LATENT_CHANNELS: usize = 8;
 /// Seed offsets, so the evaluation scenes never coincide with training scenes.
 const EVAL_SALT: u64 = 0x5eed_e7a1;
 const SCALE_SALT: u64 = 0x5ca1_e000;
@@ -30,6 +32,10 @@ pub struct AutoencoderSettings {
     pub batch: usize,
     pub learning_rate: f64,
     pub kl_weight: f64,
+    /// Extra loss weight on shape pixels, which are a fifth of the picture but all of its content.
+    pub foreground_weight: f64,
+    /// Weight of the edge term (L1 of pixel differences).
+    pub edge_weight: f64,
     pub seed: u64,
 }
 
@@ -45,15 +51,17 @@ pub struct TrainedAutoencoder {
     pub seconds: f64,
 }
 
-/// Three encoder levels (factor 4), narrow at full resolution, where convolutions cost the most on a CPU.
+/// Three encoder levels (factor 4); narrow at full resolution, where convolutions cost the most on a CPU.
 pub fn vae_config(scaling_factor: f64) -> VaeConfig {
     VaeConfig {
         in_channels: 3,
         out_channels: 3,
-        block_out_channels: vec![16, 32, 64],
+        block_out_channels: vec![8, 16, 64],
         layers_per_block: 1,
-        latent_channels: 4,
-        norm_num_groups: 8,
+        latent_channels: LATENT_CHANNELS,
+        // Group norm erases each group's mean and scale, so the absolute colour must survive as differences
+        // between the channels of a group: at least 4 channels per group, as in SD's VAE.
+        norm_num_groups: 2,
         scaling_factor,
         shift_factor: None,
         force_upcast: false,
@@ -74,6 +82,24 @@ pub fn scene_batch(rng: &mut NoiseSource, n: usize) -> Result<(Tensor, Vec<Scene
     Ok((Tensor::from_vec(pixels, (n, 3, IMAGE_SIDE, IMAGE_SIDE), &Device::Cpu)?, scenes))
 }
 
+/// L1 distance between the horizontal and vertical pixel differences of two image batches: pixel losses alone
+/// settle for blurred edges long before they sharpen them.
+fn edge_l1(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    let (_, _, h, w) = a.dims4()?;
+    let dx = |t: &Tensor| -> Result<Tensor> { Ok((t.narrow(3, 1, w - 1)? - t.narrow(3, 0, w - 1)?)?) };
+    let dy = |t: &Tensor| -> Result<Tensor> { Ok((t.narrow(2, 1, h - 1)? - t.narrow(2, 0, h - 1)?)?) };
+    let x = (dx(a)? - dx(b)?)?.abs()?.mean_all()?;
+    let y = (dy(a)? - dy(b)?)?.abs()?.mean_all()?;
+    Ok((x + y)?)
+}
+
+/// Per-pixel loss weights (n, 1, side, side): 1 on the background, 1 + `extra` where the shape covers a pixel.
+fn pixel_weights(scenes: &[Scene], extra: f64) -> Result<Tensor> {
+    let weights: Vec<f32> =
+        scenes.iter().flat_map(|s| s.coverage(IMAGE_SIDE)).map(|c| 1.0 + extra as f32 * c).collect();
+    Ok(Tensor::from_vec(weights, (scenes.len(), 1, IMAGE_SIDE, IMAGE_SIDE), &Device::Cpu)?)
+}
+
 /// Draws latents from the encoder's distribution (unscaled).
 pub fn sample_latents(vae: &Vae, images: &Tensor, rng: &mut NoiseSource) -> Result<Tensor> {
     let dist = vae.encode(images)?;
@@ -81,8 +107,9 @@ pub fn sample_latents(vae: &Vae, images: &Tensor, rng: &mut NoiseSource) -> Resu
     Ok((&dist.mean + (&dist.std * noise)?)?)
 }
 
-pub fn train_autoencoder(settings: AutoencoderSettings, bar: &ProgressBar) -> Result<TrainedAutoencoder> {
+pub fn train_autoencoder(settings: AutoencoderSettings) -> Result<TrainedAutoencoder> {
     let started = Instant::now();
+    let mut bar = Progress::new("vae", settings.steps);
     let origin = Path::new("vae/config.json");
     let weights = TrainableWeights::new(settings.seed ^ 0x7ae, Default::default());
     // Trained unscaled (factor 1); the real factor is measured afterwards and only changes the config.
@@ -95,27 +122,30 @@ pub fn train_autoencoder(settings: AutoencoderSettings, bar: &ProgressBar) -> Re
     let mut data = NoiseSource::new(settings.seed);
     let mut noise = NoiseSource::new(settings.seed ^ 0x401e);
     let mut losses = Vec::with_capacity(settings.steps);
-    bar.set_length(settings.steps as u64);
     for step in 0..settings.steps {
         optimizer.set_learning_rate(learning_rate(settings.learning_rate, step, settings.steps, settings.steps / 20));
-        let (images, _) = scene_batch(&mut data, settings.batch)?;
+        let (images, scenes) = scene_batch(&mut data, settings.batch)?;
+        let weights = pixel_weights(&scenes, settings.foreground_weight)?;
         let dist = vae.encode(&images)?;
         let eps = noise.tensor(dist.mean.shape().clone(), DType::F32, &Device::Cpu)?;
         let latents = (&dist.mean + (&dist.std * eps)?)?;
         let reconstruction = vae.decode(&latents)?;
-        let l1 = (reconstruction - &images)?.abs()?.mean_all()?;
+        let edges = edge_l1(&reconstruction, &images)?;
+        let error = (reconstruction - &images)?.abs()?;
+        let l1 = error.mean_all()?;
+        let weighted = (error.broadcast_mul(&weights)?.mean_all()? / (1.0 + settings.foreground_weight / 5.0))?;
+        let weighted = (weighted + edges.affine(settings.edge_weight, 0.0)?)?;
         // KL(q(z|x) ‖ N(0, 1)) per latent element: (μ² + σ² − 1 − ln σ²) / 2.
         let variance = dist.std.sqr()?;
         let kl = ((dist.mean.sqr()? + &variance)? - 1.0)?.sub(&variance.log()?)?.mean_all()?.affine(0.5, 0.0)?;
-        let loss = (&l1 + kl.affine(settings.kl_weight, 0.0)?)?;
+        let loss = (weighted + kl.affine(settings.kl_weight, 0.0)?)?;
         optimizer.backward_step(&loss)?;
         let value = l1.to_scalar::<f32>()?;
         if !value.is_finite() {
             anyhow::bail!("VAE loss became {value} at step {step}: lower --vae-lr");
         }
         losses.push(value);
-        bar.set_message(format!("L1 {:.4}", tail_mean(&losses, 0.02)));
-        bar.inc(1);
+        bar.step(|| format!("L1 {:.4}", tail_mean(&losses, 0.02)));
     }
 
     // Calibrate: the scaled latents the UNet sees should have unit variance.
@@ -132,16 +162,36 @@ pub fn train_autoencoder(settings: AutoencoderSettings, bar: &ProgressBar) -> Re
     // Rounded to 5 digits, as published configs are (0.18215), so the JSON reads cleanly.
     let scaling_factor = (1e5 / variance.sqrt()).round() / 1e5;
 
-    let mut eval_rng = NoiseSource::new(settings.seed ^ EVAL_SALT);
-    let (images, _) = scene_batch(&mut eval_rng, 256)?;
-    let means = unscaled.encode(&images)?.mean;
-    let eval_l1 = (unscaled.decode(&means)? - &images)?.abs()?.mean_all()?.to_scalar::<f32>()?;
+    let eval_l1 = held_out_l1(&unscaled, settings.seed)?;
 
     let config = vae_config(scaling_factor);
     let vae = Vae::new(frozen_builder(&trained), config.clone(), origin)?;
-    bar.finish_with_message(format!(
+    bar.finish(format!(
         "L1 {:.4}, held-out L1 {eval_l1:.4}, scaling_factor {scaling_factor}",
         tail_mean(&losses, 0.05)
     ));
     Ok(TrainedAutoencoder { config, weights: trained, vae, losses, eval_l1, seconds: started.elapsed().as_secs_f64() })
+}
+
+/// Reconstruction L1 of 256 held-out scenes, decoding the latent means.
+fn held_out_l1(vae: &Vae, seed: u64) -> Result<f32> {
+    let mut rng = NoiseSource::new(seed ^ EVAL_SALT);
+    let (images, _) = scene_batch(&mut rng, 256)?;
+    let means = vae.scale_latents(&vae.encode(&images)?.mean)?;
+    Ok((vae.decode(&means)? - &images)?.abs()?.mean_all()?.to_scalar::<f32>()?)
+}
+
+/// A VAE trained by an earlier run, read from its model folder (stage 1 skipped: `--vae-from`).
+pub fn load_autoencoder(folder: &Path, seed: u64) -> Result<TrainedAutoencoder> {
+    let config_path = folder.join("vae/config.json");
+    let config = VaeConfig::from_file(&config_path)?;
+    let weights_path = folder.join("vae/diffusion_pytorch_model.fp16.safetensors");
+    let weights = candle_core::safetensors::load(&weights_path, &Device::Cpu)
+        .with_context(|| format!("reading {}", weights_path.display()))?
+        .into_iter()
+        .map(|(k, v)| Ok((k, v.to_dtype(DType::F32)?)))
+        .collect::<Result<BTreeMap<String, Tensor>>>()?;
+    let vae = Vae::new(frozen_builder(&weights), config.clone(), &config_path)?;
+    let eval_l1 = held_out_l1(&vae, seed)?;
+    Ok(TrainedAutoencoder { config, weights, vae, losses: Vec::new(), eval_l1, seconds: 0.0 })
 }

@@ -13,6 +13,7 @@ use serde_json::{json, Value};
 
 use crate::autoencoder::TrainedAutoencoder;
 use crate::denoiser::TrainedDenoiser;
+use crate::text::text_configs;
 
 const DIFFUSERS_VERSION: &str = "0.42.1";
 
@@ -79,35 +80,34 @@ pub fn write_model_folder(
     write_json(
         &out.join("model_index.json"),
         &json!({
-            "_class_name": "StableDiffusionPipeline", "_diffusers_version": DIFFUSERS_VERSION,
-            "scheduler": ["diffusers", "DDIMScheduler"], "text_encoder": ["transformers", "CLIPTextModel"],
-            "tokenizer": ["transformers", "CLIPTokenizer"], "unet": ["diffusers", "UNet2DConditionModel"],
-            "vae": ["diffusers", "AutoencoderKL"], "safety_checker": [null, null],
-            "feature_extractor": [null, null], "image_encoder": [null, null], "requires_safety_checker": false
+            "_class_name": "StableDiffusionXLPipeline", "_diffusers_version": DIFFUSERS_VERSION,
+            "scheduler": ["diffusers", "DDIMScheduler"],
+            "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"],
+            "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
+            "tokenizer_2": ["transformers", "CLIPTokenizer"],
+            "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],
+            "feature_extractor": [null, null], "image_encoder": [null, null],
+            // Trained with empty captions as the unconditional input, not zeros.
+            "force_zeros_for_empty_prompt": false
         }),
     )?;
     write_json(&out.join("scheduler/scheduler_config.json"), &scheduler_config())?;
     write_json(&out.join("imago.json"), &serde_json::to_value(defaults)?)?;
-    write_tokenizer(&out.join("tokenizer"))?;
 
-    let text_dir = out.join("text_encoder");
-    write_json(
-        &text_dir.join("config.json"),
-        &config_json(
-            &denoiser.text_config,
-            json!({"model_type": "clip_text_model", "bos_token_id": 49406, "pad_token_id": 1,
-                   "torch_dtype": "float16", "initializer_range": 0.02, "initializer_factor": 1.0,
-                   "attention_dropout": 0.0}),
-        )?,
-    )?;
-    write_weights(&text_dir, "model", &denoiser.text_weights)?;
+    let text_keys = json!({"model_type": "clip_text_model", "bos_token_id": 49406, "pad_token_id": 1,
+        "torch_dtype": "float16", "initializer_range": 0.02, "initializer_factor": 1.0, "attention_dropout": 0.0});
+    for (i, (config, weights)) in text_configs().iter().zip(&denoiser.text_weights).enumerate() {
+        let suffix = if i == 0 { String::new() } else { format!("_{}", i + 1) };
+        write_tokenizer(&out.join(format!("tokenizer{suffix}")))?;
+        let dir = out.join(format!("text_encoder{suffix}"));
+        write_json(&dir.join("config.json"), &config_json(config, text_keys.clone())?)?;
+        write_weights(&dir, "model", weights)?;
+    }
 
     let diffusers_keys = |class: &str| json!({"_class_name": class, "_diffusers_version": DIFFUSERS_VERSION});
     let unet_dir = out.join("unet");
-    write_json(
-        &unet_dir.join("config.json"),
-        &config_json(&denoiser.unet_config, diffusers_keys("UNet2DConditionModel"))?,
-    )?;
+    let unet_config = config_json(&denoiser.unet_config, diffusers_keys("UNet2DConditionModel"))?;
+    write_json(&unet_dir.join("config.json"), &unet_config)?;
     write_weights(&unet_dir, "diffusion_pytorch_model", &denoiser.unet_weights)?;
 
     let vae_dir = out.join("vae");

@@ -188,11 +188,13 @@ fn glyph(c: char) -> [u8; 5] {
     }
 }
 
-fn text_width(text: &str) -> u32 {
+/// Width in pixels of `text` drawn by [`draw_text`].
+pub fn text_width(text: &str) -> u32 {
     text.chars().count() as u32 * 4 * SCALE
 }
 
-fn draw_text(img: &mut RgbImage, x: u32, y: u32, text: &str) {
+/// Writes `text` in the 3×5 font, twice enlarged, with its top-left corner at (x, y).
+pub fn draw_text(img: &mut RgbImage, x: u32, y: u32, text: &str) {
     for (i, c) in text.chars().enumerate() {
         let rows = glyph(c);
         let left = x + i as u32 * 4 * SCALE;

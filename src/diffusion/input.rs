@@ -9,6 +9,8 @@
 //! - Transparency: images are composited over white; masks are read as luma × alpha (transparent = keep).
 //! - Fitting: scale to cover the target size, then crop the centre (Lanczos3), the way a photo fills a frame.
 
+mod webp;
+
 use std::io::Cursor;
 
 use image::{DynamicImage, GrayImage, ImageDecoder, ImageFormat, ImageReader, Limits, RgbImage};
@@ -80,6 +82,13 @@ fn decode(bytes: &[u8], limits: &InputLimits, what: &'static str) -> Result<Dyna
     }
     if pixels > limits.max_pixels {
         return Err(InputError::TooManyPixels { what, width, height, limit: limits.max_pixels });
+    }
+    // WebP frames carry sizes of their own, which the decoder trusts before the canvas size.
+    if let Some((w, h)) = webp::frame_larger_than_canvas(bytes, (width, height)) {
+        if w as u64 * h as u64 > limits.max_pixels {
+            return Err(InputError::TooManyPixels { what, width: w, height: h, limit: limits.max_pixels });
+        }
+        return Err(InputError::Undecodable { what, reason: format!("a {w}x{h} frame in a {width}x{height} picture") });
     }
     // 2. full decode under allocation limits: 16-bit RGBA at the accepted size, plus decoder scratch
     let mut reader = reader()?;

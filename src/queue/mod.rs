@@ -31,4 +31,8 @@ pub enum QueueError {
     Timeout(std::time::Duration),
     #[error("protocol: {0}")]
     Protocol(String),
+    /// The engine's device failed in a way that needs a fresh process (a context-killing CUDA fault); the worker
+    /// handed its jobs back and stopped, for its supervisor to restart it.
+    #[error("the device failed and the worker stopped (its jobs were handed back): {0}")]
+    DeviceLost(String),
 }

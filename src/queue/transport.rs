@@ -51,12 +51,15 @@ impl Queue {
 
     /// Publishes a result to the results stream (persisted, deduplicated per job) and to the reply subject. The
     /// pseudonymous user travels in a header so that a deletion or export request can find the user's results.
+    /// Returns whether this publish stored the result: `false` when a result for the job was stored before (within
+    /// the duplicate window), e.g. by another delivery of the same job; then nothing is sent to `reply`, so that
+    /// a requester only ever receives the stored result.
     pub async fn publish_result(
         &self,
         result: &JobResult,
         reply: Option<&str>,
         user: Option<&str>,
-    ) -> Result<(), QueueError> {
+    ) -> Result<bool, QueueError> {
         let payload = Bytes::from(serde_json::to_vec(result).map_err(|e| QueueError::Publish(e.to_string()))?);
         let mut headers = async_nats::HeaderMap::new();
         headers.insert("Nats-Msg-Id", format!("result-{}", result.id).as_str());
@@ -65,17 +68,18 @@ impl Queue {
             headers.insert(USER_HEADER, user);
         }
         let subject = self.config.names.results(&result.id);
-        self.js
+        let stored = self
+            .js
             .publish_with_headers(subject, headers, payload.clone())
             .await
             .map_err(|e| QueueError::Publish(e.to_string()))?
             .await
             .map_err(|e| QueueError::Publish(e.to_string()))?;
-        if let Some(reply) = reply {
+        if let Some(reply) = reply.filter(|_| !stored.duplicate) {
             self.client.publish(reply.to_string(), payload).await.map_err(|e| QueueError::Publish(e.to_string()))?;
             self.client.flush().await.map_err(|e| QueueError::Publish(e.to_string()))?;
         }
-        Ok(())
+        Ok(!stored.duplicate)
     }
 
     /// Sends an already-published result to a requester's reply subject again.

@@ -1,6 +1,8 @@
 //! The worker loop: pull as many jobs as there are free slots, run each on the engine with heartbeats and progress,
 //! answer, acknowledge. Failures decide the message's fate by their code: invalid → error result + Term;
 //! transient → Nak with backoff, dead letter after the last delivery; cancelled → cancelled result + Ack.
+//! A context-killing device fault stops the worker: its jobs are handed back and [`Worker::run`] returns
+//! [`QueueError::DeviceLost`], for a supervisor to start a fresh process.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -63,6 +65,9 @@ pub struct Worker {
     max_input_bytes: usize,
     running: Mutex<HashMap<String, Running>>,
     report: Mutex<WorkerReport>,
+    /// The device fault that stops this worker, once one happened; `stop` wakes the pull loop for it.
+    device_lost: Mutex<Option<String>>,
+    stop: tokio::sync::Notify,
 }
 
 enum Outcome {
@@ -83,6 +88,8 @@ impl Worker {
             max_input_bytes: settings.max_input_bytes,
             running: Mutex::new(HashMap::new()),
             report: Mutex::new(WorkerReport::default()),
+            device_lost: Mutex::new(None),
+            stop: tokio::sync::Notify::new(),
         })
     }
 
@@ -91,18 +98,32 @@ impl Worker {
         self: Arc<Self>,
         mut shutdown: watch::Receiver<Option<Shutdown>>,
     ) -> Result<WorkerReport, QueueError> {
-        let listeners =
-            [tokio::spawn(self.clone().listen_for_cancels()), tokio::spawn(self.clone().listen_for_exhausted_jobs())];
+        // Subscribed before the first pull: that pull can be what makes the server give up a job and announce it.
+        let names = &self.queue.config.names;
+        let subscribe_error = |e: async_nats::SubscribeError| QueueError::Setup(format!("subscribing: {e}"));
+        let cancels = self.queue.client.subscribe(names.cancel("*")).await.map_err(subscribe_error)?;
+        let group = format!("{}-dead-letter", names.consumer());
+        let advisories =
+            self.queue.client.queue_subscribe(names.max_deliveries_advisory(), group).await.map_err(subscribe_error)?;
+        self.queue.client.flush().await.map_err(|e| QueueError::Setup(format!("subscribing: {e}")))?;
+        let listeners = [
+            tokio::spawn(self.clone().listen_for_cancels(cancels)),
+            tokio::spawn(self.clone().listen_for_exhausted_jobs(advisories)),
+        ];
         let slots = Arc::new(Semaphore::new(self.queue.config.slots));
         let mut tasks = JoinSet::new();
         tracing::info!(worker = %self.queue.config.worker_name, slots = self.queue.config.slots, "worker started");
         self.metrics.set_ready(true);
         // 1. pull while there is a free slot and no shutdown
-        while shutdown.borrow().is_none() {
+        while shutdown.borrow().is_none() && self.lost_device().is_none() {
             let permit = tokio::select! {
                 permit = slots.clone().acquire_owned() => permit.map_err(|e| QueueError::Setup(e.to_string()))?,
                 _ = shutdown.changed() => break,
+                _ = self.stop.notified() => break,
             };
+            if self.lost_device().is_some() {
+                break; // the permit of the job that found the fault came back together with the stop
+            }
             while tasks.try_join_next().is_some() {}
             let fetched = self.queue.consumer.fetch().max_messages(1).expires(Duration::from_secs(1)).messages().await;
             let mut batch = match fetched {
@@ -127,8 +148,9 @@ impl Worker {
         }
         // 2. drain: finish within the timeout, then hand back what is still running
         let mode = *shutdown.borrow();
-        let deadline = tokio::time::Instant::now()
-            + if mode == Some(Shutdown::Quit) { Duration::ZERO } else { self.queue.config.drain_timeout };
+        let quit = mode == Some(Shutdown::Quit) || self.lost_device().is_some();
+        let deadline =
+            tokio::time::Instant::now() + if quit { Duration::ZERO } else { self.queue.config.drain_timeout };
         tracing::info!(?mode, running = tasks.len(), "worker draining");
         self.metrics.set_ready(false);
         loop {
@@ -153,7 +175,22 @@ impl Worker {
         let _ = self.queue.client.flush().await;
         let report = self.report.lock().unwrap_or_else(|e| e.into_inner()).clone();
         tracing::info!(?report, "worker stopped");
-        Ok(report)
+        match self.lost_device() {
+            Some(fault) => Err(QueueError::DeviceLost(fault)),
+            None => Ok(report),
+        }
+    }
+
+    fn lost_device(&self) -> Option<String> {
+        self.device_lost.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Stops pulling and hands every running job back: the device cannot run anything any more.
+    fn stop_for_lost_device(&self, fault: String) {
+        tracing::error!(%fault, "the device is lost; handing jobs back and stopping");
+        self.device_lost.lock().unwrap_or_else(|e| e.into_inner()).get_or_insert(fault);
+        self.stop.notify_one();
+        self.hand_back_running();
     }
 
     fn hand_back_running(&self) {
@@ -212,6 +249,11 @@ impl Worker {
             Ok(output) => self.complete(message, &spec, output).await,
             Err(Stop::HandedBack) => {
                 ack(message, AckKind::Nak(None)).await;
+                Outcome::HandedBack
+            }
+            Err(Stop::Failed(_)) if self.engine.device_lost().is_some() => {
+                ack(message, AckKind::Nak(None)).await;
+                self.stop_for_lost_device(self.engine.device_lost().unwrap_or_default());
                 Outcome::HandedBack
             }
             Err(Stop::Failed(e)) => self.fail(message, &spec, e, deliveries).await,
@@ -328,10 +370,14 @@ impl Worker {
                 }
             }
         }
-        if let Err(e) = self.queue.publish_result(&result, spec.reply.as_deref(), spec.user.as_deref()).await {
-            tracing::warn!(error = %e, "publishing the result failed; handing the job back");
-            ack(message, AckKind::Nak(Some(self.queue.config.retry_backoff))).await;
-            return Outcome::Failed;
+        match self.queue.publish_result(&result, spec.reply.as_deref(), spec.user.as_deref()).await {
+            Ok(true) => {}
+            Ok(false) => return answered_elsewhere(),
+            Err(e) => {
+                tracing::warn!(error = %e, "publishing the result failed; handing the job back");
+                ack(message, AckKind::Nak(Some(self.queue.config.retry_backoff))).await;
+                return Outcome::Failed;
+            }
         }
         if spec.training_opt_in && !spec.private {
             self.queue.publish_training_samples(spec, &output).await;
@@ -386,10 +432,14 @@ impl Worker {
         outcome: Outcome,
     ) -> Outcome {
         result.worker = Some(self.queue.config.worker_name.clone());
-        if let Err(e) = self.queue.publish_result(&result, spec.reply.as_deref(), spec.user.as_deref()).await {
-            tracing::warn!(error = %e, "publishing the result failed; handing the job back");
-            ack(message, AckKind::Nak(Some(self.queue.config.retry_backoff))).await;
-            return Outcome::Failed;
+        match self.queue.publish_result(&result, spec.reply.as_deref(), spec.user.as_deref()).await {
+            Ok(true) => {}
+            Ok(false) => return answered_elsewhere(),
+            Err(e) => {
+                tracing::warn!(error = %e, "publishing the result failed; handing the job back");
+                ack(message, AckKind::Nak(Some(self.queue.config.retry_backoff))).await;
+                return Outcome::Failed;
+            }
         }
         self.queue.publish_progress(&event(&spec.id, "done", None, None)).await;
         ack(message, ack_kind).await;
@@ -440,11 +490,7 @@ impl Worker {
     }
 
     /// Sets the cancel flag of running jobs named on `<prefix>.cancel.<id>`.
-    async fn listen_for_cancels(self: Arc<Self>) {
-        let Ok(mut cancels) = self.queue.client.subscribe(self.queue.config.names.cancel("*")).await else {
-            tracing::error!("cannot subscribe to cancellations");
-            return;
-        };
+    async fn listen_for_cancels(self: Arc<Self>, mut cancels: async_nats::Subscriber) {
         while let Some(message) = cancels.next().await {
             let id = message.subject.rsplit('.').next().unwrap_or_default().to_string();
             if let Some(job) = self.running.lock().unwrap_or_else(|e| e.into_inner()).get(&id) {
@@ -456,17 +502,7 @@ impl Worker {
 
     /// Jobs that crashed workers until JetStream stopped delivering them stay in the work queue: one worker of
     /// the fleet (queue group) moves each to the dead letters and answers its requester.
-    async fn listen_for_exhausted_jobs(self: Arc<Self>) {
-        let names = &self.queue.config.names;
-        let subscribed = self
-            .queue
-            .client
-            .queue_subscribe(names.max_deliveries_advisory(), format!("{}-dead-letter", names.consumer()))
-            .await;
-        let Ok(mut advisories) = subscribed else {
-            tracing::error!("cannot subscribe to max-deliveries advisories");
-            return;
-        };
+    async fn listen_for_exhausted_jobs(self: Arc<Self>, mut advisories: async_nats::Subscriber) {
         while let Some(advisory) = advisories.next().await {
             let seq = serde_json::from_slice::<serde_json::Value>(&advisory.payload)
                 .ok()
@@ -503,6 +539,14 @@ impl Worker {
             tracing::warn!(job = %id, "job dead-lettered after max deliveries");
         }
     }
+}
+
+/// Another delivery of this job (whose worker was presumed dead but was only slow) stored its result first and
+/// answered: this one neither answers nor acks. The other delivery acks; should its worker die before that, the
+/// job comes back and is answered from the stored result.
+fn answered_elsewhere() -> Outcome {
+    tracing::info!("another delivery of this job stored its result first; leaving the job to it");
+    Outcome::Answered
 }
 
 /// Why a run ended without output.

@@ -39,6 +39,19 @@ pub async fn publish_until_acknowledged(queue: &Queue, job: &JobMessage) {
     }
 }
 
+/// Messages left in the work queue once it had `timeout` to drain (a job's result is published just before its
+/// acknowledgement, so the last ones may still be on their way).
+pub async fn jobs_left_after(queue: &Queue, timeout: Duration) -> u64 {
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        let left = queue.jobs.clone().info().await.unwrap().state.messages;
+        if left == 0 || tokio::time::Instant::now() >= deadline {
+            return left;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 /// A process's resident memory, from `/proc/<pid>/status`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Memory {
