@@ -1,5 +1,5 @@
 //! WebP frames declare their own sizes, and the decoder allocates for a frame before comparing its size with the
-//! picture's: a 228-byte animated WebP with a 31×23 canvas whose frame claimed 16128×16383 pixels made it allocate
+//! picture's: a 235-byte animated WebP with a 31×23 canvas whose frame claimed 16128×16383 pixels made it allocate
 //! 264 MB (found by fuzzing, `fuzz/corpus/image_decode/regression-webp-frame-larger-than-canvas.webp`). So every
 //! VP8/VP8L bitstream in the file, at the top level or inside an animation frame, is checked against the canvas
 //! before anything is decoded.
