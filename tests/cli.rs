@@ -99,3 +99,17 @@ fn worker_configuration_layers_file_then_environment_then_flags() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("unknown field `slotz`"));
 }
+
+#[test]
+fn batching_and_cache_settings_are_configurable_and_printed() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("worker.toml");
+    std::fs::write(&file, "max_batch = 4\nmodel_cache_bytes = 1000000\n").unwrap();
+    let out = imago(&["worker", "--config", file.to_str().unwrap(), "--batch-wait-ms", "20", "--print-config"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let printed: toml::Table = toml::from_str(&String::from_utf8_lossy(&out.stdout)).unwrap();
+    assert_eq!(printed["max_batch"].as_integer(), Some(4));
+    assert_eq!(printed["batch_wait_ms"].as_integer(), Some(20));
+    assert_eq!(printed["model_cache_bytes"].as_integer(), Some(1_000_000));
+    assert_eq!(printed["prompt_cache_bytes"].as_integer(), Some(64 << 20), "default");
+}

@@ -325,7 +325,7 @@ fn default_eos() -> u32 {
 impl ClipTextConfig {
     pub fn from_file(path: &Path) -> Result<Self> {
         let config: Self = read_json(path)?;
-        if config.num_attention_heads == 0 || config.hidden_size % config.num_attention_heads != 0 {
+        if config.num_attention_heads == 0 || !config.hidden_size.is_multiple_of(config.num_attention_heads) {
             return Err(Error::config(
                 path,
                 format!("hidden_size {} not divisible by {} heads", config.hidden_size, config.num_attention_heads),

@@ -17,7 +17,8 @@ use image::{GrayImage, RgbImage};
 
 use super::model::DiffusionModel;
 use super::pipeline::{
-    to_u8_pixels, BatchNoise, DenoiseStart, GenerateParams, Generated, InpaintInputs, StageTimings, StepProgress,
+    stage_time, to_u8_pixels, BatchNoise, DenoiseStart, GenerateParams, Generated, InpaintInputs, StageTimings,
+    StepProgress,
 };
 use super::schedulers::{self, StepNoise};
 use super::{Error, Result};
@@ -117,7 +118,7 @@ impl DiffusionModel {
 
         let started = Instant::now();
         let text = self.prepare_text(p)?;
-        timings.text_encode = started.elapsed();
+        timings.text_encode = stage_time(&self.device, started)?;
 
         // 1. the input in latent space, repeated for the batch
         let started = Instant::now();
@@ -161,7 +162,7 @@ impl DiffusionModel {
         // 4. denoise the remaining steps
         let start = DenoiseStart { latents, first_step: first, inpaint };
         let final_latents = self.denoise(p, scheduler.as_mut(), &text, start, step_noise, on_step)?;
-        timings.denoise = started.elapsed();
+        timings.denoise = stage_time(&self.device, started)?;
 
         // 5. decode, and put the unmasked pixels back
         let started = Instant::now();
@@ -180,7 +181,7 @@ impl DiffusionModel {
             decoded = (pixels.broadcast_mul(&soft.affine(-1.0, 1.0)?)?.broadcast_add(&decoded.broadcast_mul(&soft)?))?;
         }
         let images = to_u8_pixels(&decoded)?;
-        timings.vae_decode = started.elapsed();
+        timings.vae_decode = stage_time(&self.device, started)?;
         Ok(Generated { images, initial_noise: noise, final_latents, truncated_tokens: text.truncated_tokens, timings })
     }
 

@@ -2,7 +2,40 @@
 //! safetensors tensor names.
 
 use candle_core::{DType, Module, Tensor, D};
-use candle_nn::{conv2d, group_norm, linear, linear_no_bias, Conv2d, Conv2dConfig, GroupNorm, Linear, VarBuilder};
+use candle_nn::{group_norm, Conv2dConfig, GroupNorm, VarBuilder};
+
+use super::conv::{conv2d, Conv2d};
+
+/// A linear layer whose result for one image never depends on the other images of its batch.
+///
+/// candle's CPU matmul folds a batch into the rows of one product, and gemm chooses its kernel by the row count, so
+/// an image alone and the same image in company round differently. On the CPU each image therefore gets its own
+/// product, the one it would get alone: jobs run together give exactly the images they give alone. (Not while
+/// gradients are tracked: training has no use for it.)
+#[derive(Debug, Clone)]
+pub struct Linear(candle_nn::Linear);
+
+/// [`Linear`] with a bias, from `weight` and `bias` under `vb`.
+pub fn linear(in_dim: usize, out_dim: usize, vb: VarBuilder) -> candle_core::Result<Linear> {
+    candle_nn::linear(in_dim, out_dim, vb).map(Linear)
+}
+
+/// [`Linear`] without a bias.
+pub fn linear_no_bias(in_dim: usize, out_dim: usize, vb: VarBuilder) -> candle_core::Result<Linear> {
+    candle_nn::linear_no_bias(in_dim, out_dim, vb).map(Linear)
+}
+
+impl Module for Linear {
+    fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
+        let batch = xs.dims().first().copied().unwrap_or(1);
+        if batch <= 1 || !xs.device().is_cpu() || xs.track_op() {
+            return self.0.forward(xs);
+        }
+        let images =
+            (0..batch).map(|i| self.0.forward(&xs.narrow(0, i, 1)?)).collect::<candle_core::Result<Vec<_>>>()?;
+        Tensor::cat(&images, 0)
+    }
+}
 
 /// Softmax over the last dimension: candle's fused kernel for inference, the differentiable composition while
 /// gradients are tracked (training the embedded model), since the fused kernel has no backward pass.
@@ -316,6 +349,28 @@ mod tests {
 
     fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
         (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap()
+    }
+
+    #[test]
+    fn a_linear_gives_each_image_exactly_what_it_gives_alone() {
+        let dev = Device::Cpu;
+        let vm = candle_nn::VarMap::new();
+        let lin = linear(16, 64, VarBuilder::from_varmap(&vm, DType::F32, &dev)).unwrap();
+        // Row counts where gemm's kernel choice changes with the batch (2-D: one row per image; 3-D: 16 tokens).
+        for xs in
+            [Tensor::randn(0f32, 1.0, (8, 16), &dev).unwrap(), Tensor::randn(0f32, 1.0, (8, 16, 16), &dev).unwrap()]
+        {
+            let batched = lin.forward(&xs).unwrap();
+            for i in 0..8 {
+                let alone = lin.forward(&xs.narrow(0, i, 1).unwrap()).unwrap();
+                assert_eq!(max_diff(&batched.narrow(0, i, 1).unwrap(), &alone), 0.0, "image {i} of {:?}", xs.shape());
+            }
+        }
+        // A transposed batch (as attention over pixels produces) is read as what it is.
+        let channels_first = Tensor::randn(0f32, 1.0, (2, 16, 5), &dev).unwrap();
+        let tokens = channels_first.transpose(1, 2).unwrap();
+        let expected = lin.forward(&tokens.contiguous().unwrap()).unwrap();
+        assert_eq!(max_diff(&lin.forward(&tokens).unwrap(), &expected), 0.0);
     }
 
     #[test]

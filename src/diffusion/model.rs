@@ -12,7 +12,7 @@ use super::schedulers::{SchedulerConfig, SchedulerKind};
 use super::tokenizer::{ClipTokenizer, TokenizedPrompt};
 use super::unet::UNet;
 use super::vae::Vae;
-use super::weights::{find_weights, mmap_var_builder, Variant};
+use super::weights::{find_weights, mmap_var_builder, LoadedBytes, Variant};
 use super::{Error, Result};
 
 /// How the UNet is conditioned on text, which decides how prompts are encoded.
@@ -72,6 +72,8 @@ pub struct DiffusionModel {
     pub device: Device,
     pub dtype: DType,
     pub vae_dtype: DType,
+    /// Bytes of the loaded weights (all components, in their loaded dtype): what the model occupies on its device.
+    pub weight_bytes: u64,
 }
 
 /// Text conditioning for a batch: what the UNet reads besides the latents.
@@ -92,6 +94,7 @@ impl DiffusionModel {
         let variant = if options.dtype == DType::F32 { Variant::Full } else { Variant::Fp16 };
         let dtype = options.dtype;
         let device = &options.device;
+        let loaded = LoadedBytes::default();
 
         let unet_config_path = root.join("unet/config.json");
         let unet_config = UNetConfig::from_file(&unet_config_path)?;
@@ -106,17 +109,19 @@ impl DiffusionModel {
         };
         let text_encoders = encoder_names
             .iter()
-            .map(|(tok, enc)| load_text_encoder(&root.join(tok), &root.join(enc), variant, dtype, device))
+            .map(|(tok, enc)| load_text_encoder(&root.join(tok), &root.join(enc), variant, dtype, device, &loaded))
             .collect::<Result<Vec<_>>>()?;
 
-        let unet_vb = component_var_builder(&root.join("unet"), "diffusion_pytorch_model", variant, dtype, device)?;
+        let unet_vb =
+            component_var_builder(&root.join("unet"), "diffusion_pytorch_model", variant, dtype, device, &loaded)?;
         let unet =
             UNet::new(unet_vb, unet_config, &unet_config_path).map_err(|e| weights_error(&root.join("unet"), e))?;
 
         let vae_config_path = root.join("vae/config.json");
         let vae_config = VaeConfig::from_file(&vae_config_path)?;
         let vae_dtype = if vae_config.force_upcast { DType::F32 } else { dtype };
-        let vae_vb = component_var_builder(&root.join("vae"), "diffusion_pytorch_model", variant, vae_dtype, device)?;
+        let vae_vb =
+            component_var_builder(&root.join("vae"), "diffusion_pytorch_model", variant, vae_dtype, device, &loaded)?;
         let vae = Vae::new(vae_vb, vae_config, &vae_config_path).map_err(|e| weights_error(&root.join("vae"), e))?;
 
         let context_width: usize = text_encoders.iter().map(|t| t.model.config().hidden_size).sum();
@@ -145,6 +150,7 @@ impl DiffusionModel {
             device: device.clone(),
             dtype,
             vae_dtype,
+            weight_bytes: loaded.total(),
         })
     }
 
@@ -217,9 +223,10 @@ fn component_var_builder(
     variant: Variant,
     dtype: DType,
     device: &Device,
+    loaded: &LoadedBytes,
 ) -> Result<candle_nn::VarBuilder<'static>> {
     let files = find_weights(dir, stem, variant)?;
-    mmap_var_builder(&files, dtype, device)
+    mmap_var_builder(&files, dtype, device, loaded)
 }
 
 /// Missing or mis-shaped tensors surface as tensor errors while a component is built; name the component folder.
@@ -236,6 +243,7 @@ fn load_text_encoder(
     variant: Variant,
     dtype: DType,
     device: &Device,
+    loaded: &LoadedBytes,
 ) -> Result<TextEncoder> {
     let tokenizer = load_tokenizer(tokenizer_dir)?;
     let pad_token = pad_token(tokenizer_dir)?;
@@ -247,7 +255,7 @@ fn load_text_encoder(
     })?;
     let config_path = encoder_dir.join("config.json");
     let config = ClipTextConfig::from_file(&config_path)?;
-    let vb = component_var_builder(encoder_dir, "model", variant, dtype, device)?;
+    let vb = component_var_builder(encoder_dir, "model", variant, dtype, device, loaded)?;
     let model = ClipTextModel::new(vb, config, &config_path).map_err(|e| weights_error(encoder_dir, e))?;
     Ok(TextEncoder { tokenizer, pad_id, model })
 }

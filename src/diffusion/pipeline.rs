@@ -5,6 +5,7 @@ use std::time::{Duration, Instant};
 use candle_core::{DType, Device, Shape, Tensor};
 use serde::Serialize;
 
+use super::batch::PromptEmbeddings;
 use super::model::{Architecture, DiffusionModel, TextConditioning};
 use super::noise::NoiseSource;
 use super::schedulers::{self, Scheduler, SchedulerKind, StepNoise};
@@ -82,8 +83,14 @@ pub struct BatchNoise {
 }
 
 impl BatchNoise {
+    /// Images `seed`, `seed + 1`, … `seed + batch - 1`.
     pub fn new(seed: u64, batch: usize) -> Self {
-        Self { sources: (0..batch as u64).map(|i| NoiseSource::new(seed.wrapping_add(i))).collect() }
+        Self::from_seeds((0..batch as u64).map(|i| seed.wrapping_add(i)))
+    }
+
+    /// One image per seed, in order.
+    pub fn from_seeds(seeds: impl IntoIterator<Item = u64>) -> Self {
+        Self { sources: seeds.into_iter().map(NoiseSource::new).collect() }
     }
 }
 
@@ -175,6 +182,23 @@ impl DiffusionModel {
         on_step: &mut dyn FnMut(StepProgress) -> bool,
     ) -> Result<Generated> {
         self.validate(params)?;
+        let started = Instant::now();
+        let text = self.prepare_text(params)?;
+        let text_encode = stage_time(&self.device, started)?;
+        self.generate_from_text(params, initial_noise, &text, text_encode, step_noise, on_step)
+    }
+
+    /// Text-to-image from given initial noise and prepared text; `text_encode` is the time the text took.
+    pub(crate) fn generate_from_text(
+        &self,
+        params: &GenerateParams,
+        initial_noise: Tensor,
+        text: &PreparedText,
+        text_encode: Duration,
+        step_noise: &mut dyn StepNoise,
+        on_step: &mut dyn FnMut(StepProgress) -> bool,
+    ) -> Result<Generated> {
+        self.validate(params)?;
         let channels = self.unet.config().in_channels;
         if channels != self.vae.config().latent_channels {
             return Err(Error::InvalidRequest(format!(
@@ -182,22 +206,18 @@ impl DiffusionModel {
             )));
         }
         let initial_noise = self.check_noise(params, initial_noise)?;
-        let mut timings = StageTimings::default();
-
-        let started = Instant::now();
-        let text = self.prepare_text(params)?;
-        timings.text_encode = started.elapsed();
+        let mut timings = StageTimings { text_encode, ..Default::default() };
 
         let started = Instant::now();
         let mut scheduler = schedulers::build(params.scheduler, &self.scheduler_config, params.steps)?;
         let latents = (&initial_noise * scheduler.init_noise_sigma())?;
         let start = DenoiseStart { latents, first_step: 0, inpaint: None };
-        let final_latents = self.denoise(params, scheduler.as_mut(), &text, start, step_noise, on_step)?;
-        timings.denoise = started.elapsed();
+        let final_latents = self.denoise(params, scheduler.as_mut(), text, start, step_noise, on_step)?;
+        timings.denoise = stage_time(&self.device, started)?;
 
         let started = Instant::now();
         let images = to_u8_pixels(&self.decode(&final_latents)?)?;
-        timings.vae_decode = started.elapsed();
+        timings.vae_decode = stage_time(&self.device, started)?;
         Ok(Generated { images, initial_noise, final_latents, truncated_tokens: text.truncated_tokens, timings })
     }
 
@@ -210,24 +230,39 @@ impl DiffusionModel {
         Ok(noise.to_dtype(DType::F32)?.to_device(&self.device)?)
     }
 
-    /// Text conditioning for the whole batch; with guidance, the unconditional half goes first.
+    /// Text conditioning for the whole batch (one prompt); with guidance, the unconditional half goes first.
     pub(crate) fn prepare_text(&self, params: &GenerateParams) -> Result<PreparedText> {
+        let prompts = self.encode_prompts(&params.prompt, &params.negative_prompt, params.guidance > 1.0)?;
+        self.batch_text(params, &[(&prompts, params.batch)])
+    }
+
+    /// Text conditioning from encoded prompts, each repeated for its number of images; with guidance, the
+    /// unconditional rows of every image go first, in the same order as the conditional ones.
+    pub(crate) fn batch_text(
+        &self,
+        params: &GenerateParams,
+        parts: &[(&PromptEmbeddings, usize)],
+    ) -> Result<PreparedText> {
         let guided = params.guidance > 1.0;
-        let cond = self.encode_prompt(&params.prompt, params.batch, false)?;
-        let TextConditioning { context, pooled, truncated_tokens } = if guided {
-            let uncond = self.encode_prompt(&params.negative_prompt, params.batch, true)?;
-            let pooled = match (uncond.pooled, cond.pooled) {
-                (Some(u), Some(c)) => Some(Tensor::cat(&[u, c], 0)?),
-                _ => None,
-            };
-            TextConditioning {
-                context: Tensor::cat(&[uncond.context, cond.context], 0)?,
-                pooled,
-                truncated_tokens: cond.truncated_tokens,
+        let mut rows: Vec<(&TextConditioning, usize)> = Vec::with_capacity(2 * parts.len());
+        if guided {
+            for (prompts, images) in parts {
+                let uncond = prompts.uncond.as_ref();
+                rows.push((
+                    uncond.ok_or_else(|| Error::InvalidRequest("guidance needs an encoded negative".into()))?,
+                    *images,
+                ));
             }
-        } else {
-            cond
-        };
+        }
+        rows.extend(parts.iter().map(|(prompts, images)| (&prompts.cond, *images)));
+        let contexts = rows.iter().map(|(t, n)| repeat_rows(&t.context, *n)).collect::<Result<Vec<_>>>()?;
+        let context = Tensor::cat(&contexts, 0)?;
+        let pooled =
+            match rows.iter().map(|(t, n)| t.pooled.as_ref().map(|p| repeat_rows(p, *n))).collect::<Option<Vec<_>>>() {
+                Some(pooled) => Some(Tensor::cat(&pooled.into_iter().collect::<Result<Vec<_>>>()?, 0)?),
+                None => None,
+            };
+        let truncated_tokens = parts.iter().map(|(p, _)| p.cond.truncated_tokens).max().unwrap_or(0);
         let context = context.to_dtype(self.dtype)?;
         let rows = context.dim(0)?;
         // SDXL micro-conditioning: original size = target size = the requested size, no crop.
@@ -303,6 +338,13 @@ impl DiffusionModel {
     }
 }
 
+/// `t` (one row) repeated `n` times along the batch axis.
+fn repeat_rows(t: &Tensor, n: usize) -> Result<Tensor> {
+    let mut dims = vec![1; t.rank()];
+    dims[0] = n;
+    Ok(t.repeat(dims)?)
+}
+
 /// The text side of a generation, computed once per call.
 pub(crate) struct PreparedText {
     pub context: Tensor,
@@ -324,6 +366,13 @@ pub(crate) struct DenoiseStart {
     pub latents: Tensor,
     pub first_step: usize,
     pub inpaint: Option<InpaintInputs>,
+}
+
+/// Time since `started` once `device` has finished the work queued so far. CUDA runs kernels asynchronously: without
+/// the wait a stage's time would be the time to queue it, and its work would be charged to a later stage.
+pub(crate) fn stage_time(device: &Device, started: Instant) -> Result<Duration> {
+    device.synchronize()?;
+    Ok(started.elapsed())
 }
 
 /// Images in [-1, 1] → u8 pixels, rounding as diffusers' PIL conversion does.

@@ -3,9 +3,10 @@
 use std::path::Path;
 
 use candle_core::{Module, Tensor};
-use candle_nn::{conv2d, group_norm, Conv2d, Conv2dConfig, GroupNorm, VarBuilder};
+use candle_nn::{group_norm, Conv2dConfig, GroupNorm, VarBuilder};
 
 use super::config::VaeConfig;
+use super::conv::{conv2d, Conv2d};
 use super::layers::{Attention, AttentionConfig, Downsample2D, ResnetBlock2D, ResnetConfig, Upsample2D};
 use super::Result;
 
@@ -40,7 +41,9 @@ impl PixelAttention {
 
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
         let (b, c, h, w) = xs.dims4()?;
-        let tokens = self.group_norm.forward(xs)?.reshape((b, c, h * w))?.transpose(1, 2)?;
+        // Contiguous before the projections: candle 0.11's CPU matmul folds a batch of transposed inputs into one
+        // matrix as if it were row-major, which mixes up the images of a batch larger than one.
+        let tokens = self.group_norm.forward(xs)?.reshape((b, c, h * w))?.transpose(1, 2)?.contiguous()?;
         let out = self.attention.forward(&tokens, None)?;
         let out = out.transpose(1, 2)?.reshape((b, c, h, w))?;
         Ok((out + xs)?)

@@ -6,9 +6,13 @@
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 
-use candle_core::{DType, Device};
-use candle_nn::VarBuilder;
+use candle_core::safetensors::MmapedSafetensors;
+use candle_core::{DType, Device, Shape, Tensor};
+use candle_nn::var_builder::SimpleBackend;
+use candle_nn::{Init, VarBuilder};
 use serde::Deserialize;
 
 use super::config::read_json;
@@ -75,12 +79,61 @@ pub fn find_weights(dir: &Path, stem: &str, variant: Variant) -> Result<Vec<Path
     Err(Error::MissingFile { path: dir.join(format!("{stem}.safetensors")) })
 }
 
-/// Memory-maps `files` as one weight tree, converting to `dtype` on `device` as tensors are read.
-pub fn mmap_var_builder(files: &[PathBuf], dtype: DType, device: &Device) -> Result<VarBuilder<'static>> {
+/// Bytes of the tensors that var builders handed out (in their loaded dtype, on their device): what a model
+/// occupies once loaded. Clones share one count.
+#[derive(Debug, Clone, Default)]
+pub struct LoadedBytes(Arc<AtomicU64>);
+
+impl LoadedBytes {
+    /// Bytes counted so far.
+    pub fn total(&self) -> u64 {
+        self.0.load(Ordering::Relaxed)
+    }
+
+    fn add(&self, tensor: &Tensor) {
+        let bytes = tensor.elem_count() as u64 * tensor.dtype().size_in_bytes() as u64;
+        self.0.fetch_add(bytes, Ordering::Relaxed);
+    }
+}
+
+/// Memory-mapped safetensors that count every tensor they hand out.
+struct CountingBackend {
+    files: MmapedSafetensors,
+    loaded: LoadedBytes,
+}
+
+impl SimpleBackend for CountingBackend {
+    fn get(&self, shape: Shape, name: &str, hints: Init, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
+        let tensor = SimpleBackend::get(&self.files, shape, name, hints, dtype, dev)?;
+        self.loaded.add(&tensor);
+        Ok(tensor)
+    }
+
+    fn get_unchecked(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
+        let tensor = SimpleBackend::get_unchecked(&self.files, name, dtype, dev)?;
+        self.loaded.add(&tensor);
+        Ok(tensor)
+    }
+
+    fn contains_tensor(&self, name: &str) -> bool {
+        SimpleBackend::contains_tensor(&self.files, name)
+    }
+}
+
+/// Memory-maps `files` as one weight tree, converting to `dtype` on `device` as tensors are read and adding their
+/// size to `loaded`.
+pub fn mmap_var_builder(
+    files: &[PathBuf],
+    dtype: DType,
+    device: &Device,
+    loaded: &LoadedBytes,
+) -> Result<VarBuilder<'static>> {
     // SAFETY: the files are mapped read-only; candle's contract is that they are not modified while mapped. Model
     // folders are read-only inputs of this process, and every tensor is copied (dtype/device conversion) on load.
-    unsafe { VarBuilder::from_mmaped_safetensors(files, dtype, device) }
-        .map_err(|e| Error::Weights { path: files.first().cloned().unwrap_or_default(), message: e.to_string() })
+    let mapped = unsafe { MmapedSafetensors::multi(files) }
+        .map_err(|e| Error::Weights { path: files.first().cloned().unwrap_or_default(), message: e.to_string() })?;
+    let backend = CountingBackend { files: mapped, loaded: loaded.clone() };
+    Ok(VarBuilder::from_backend(Box::new(backend), dtype, device.clone()))
 }
 
 #[cfg(test)]

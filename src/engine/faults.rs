@@ -165,6 +165,12 @@ impl DeviceHealth {
         }
     }
 
+    /// Marks the device lost for a fault found outside a job's result (the first fault is kept).
+    pub fn mark_lost(&self, fault: String) {
+        tracing::error!(%fault, "the device is unusable; refusing further work");
+        self.lost.lock().unwrap_or_else(|e| e.into_inner()).get_or_insert(fault);
+    }
+
     /// Passes `result` through, remembering it when it is a context-killing fault.
     pub fn observe<T>(&self, result: Result<T, JobError>) -> Result<T, JobError> {
         if let Err(e) = &result {
@@ -336,19 +342,11 @@ mod tests {
         })
         .unwrap();
         assert_eq!(chunk_sizes, [3, 1, 1, 1]);
-        let max_abs = |a: &Tensor, b: &Tensor| {
-            let d = (a.to_dtype(DType::F32).unwrap() - b.to_dtype(DType::F32).unwrap()).unwrap();
-            d.abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap()
-        };
-        let scale =
-            whole.final_latents.abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
-        // Batched matmuls sum in another order than single ones: equal up to float rounding (the random miniature
-        // VAE then amplifies that to a few pixel levels, so the latents are what is compared).
-        let relative = max_abs(&whole.final_latents, &split.final_latents) / scale;
-        assert!(relative < 1e-5, "split latents differ by {relative} relative");
-        assert_eq!(split.images.dims(), whole.images.dims());
-        let noise_diff = (&whole.initial_noise - &split.initial_noise).unwrap().abs().unwrap().flatten_all().unwrap();
-        assert_eq!(noise_diff.max(0).unwrap().to_scalar::<f32>().unwrap(), 0.0, "each image keeps its seed");
+        let values = |t: &Tensor| t.to_dtype(DType::F32).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        // Every image is computed as it would be alone (see `diffusion::batch`), so the split is exact.
+        assert_eq!(values(&split.final_latents), values(&whole.final_latents));
+        assert_eq!(values(&split.images), values(&whole.images));
+        assert_eq!(values(&split.initial_noise), values(&whole.initial_noise), "each image keeps its seed");
     }
 
     #[test]

@@ -107,6 +107,10 @@ pub struct QueueConfig {
     pub drain_timeout: Duration,
     /// First retry delay of a transient failure; doubles per delivery.
     pub retry_backoff: Duration,
+    /// Most images one pipeline call generates for compatible queued jobs together; 1 runs every job alone.
+    pub max_batch: usize,
+    /// How long a slot waits for companions of a job it could batch (capped at a third of `ack_wait`).
+    pub batch_wait: Duration,
     pub worker_name: String,
 }
 
@@ -122,6 +126,8 @@ impl Default for QueueConfig {
             duplicate_window: Duration::from_secs(120),
             drain_timeout: Duration::from_secs(60),
             retry_backoff: Duration::from_secs(1),
+            max_batch: 1,
+            batch_wait: Duration::from_millis(50),
             worker_name: format!("imago-{}", std::process::id()),
         }
     }

@@ -2,9 +2,10 @@
 //! sequence of tokens that attend to each other and to the text embedding.
 
 use candle_core::{Module, Tensor};
-use candle_nn::{conv2d, group_norm, linear, Conv2d, GroupNorm, Linear, VarBuilder};
+use candle_nn::{group_norm, GroupNorm, VarBuilder};
 
-use crate::diffusion::layers::{Attention, AttentionConfig, LayerNorm};
+use crate::diffusion::conv::{conv2d, Conv2d};
+use crate::diffusion::layers::{linear, Attention, AttentionConfig, LayerNorm, Linear};
 use crate::diffusion::Result;
 
 /// Shape parameters of a [`Transformer2D`].
