@@ -98,8 +98,12 @@ async fn worker_overhead(server: &nats::NatsServer, n: usize) -> (f64, Duration,
         .unwrap();
     let worker_queue =
         Queue::setup(async_nats::connect(server.url()).await.unwrap(), QueueConfig::default()).await.unwrap();
-    let settings =
-        WorkerSettings { limits: JobLimits::default(), max_input_bytes: 1 << 20, metrics: Arc::new(Metrics::new()) };
+    let settings = WorkerSettings {
+        limits: JobLimits::default(),
+        max_input_bytes: 1 << 20,
+        metrics: Arc::new(Metrics::new()),
+        keyring: Default::default(),
+    };
     let worker = Worker::new(Arc::new(worker_queue), Arc::new(InstantRunner { png }), settings);
     let (stop, stop_rx) = tokio::sync::watch::channel(None);
     let running = tokio::spawn(worker.run(stop_rx));

@@ -12,7 +12,9 @@ use base64::Engine as _;
 use common::nats::NatsServer;
 use common::workers::{client, WorkerProcess, WAIT};
 use futures::StreamExt;
-use imago::job::{ErrorCode, JobResult, JobStatus};
+use imago::job::{ErrorCode, JobKind, JobMessage, JobResult, JobStatus};
+use imago::private::seal::{generate_key_files, JobContent, PublicKey, SecretKey};
+use imago::private::{SecretBytes, SecretString};
 use serde_json::{json, Value};
 
 /// What a case sends as the job message.
@@ -66,9 +68,29 @@ fn edit(id: &str, changes: Value) -> Value {
     job
 }
 
-fn cases(object_keys: &HashMap<&str, String>) -> Vec<Case> {
+/// The fields of a sealed job `id` of `kind` (private, no clear prompt, `sealed`): `prompt` and `image` sealed to
+/// `fleet_key`.
+fn sealed(id: &str, kind: JobKind, fleet_key: &PublicKey, prompt: &str, image: Option<&[u8]>) -> Value {
+    let content = JobContent {
+        prompt: SecretString::from(prompt.to_string()),
+        image: image.map(SecretBytes::copy_from),
+        ..JobContent::default()
+    };
+    let mut job = JobMessage { kind, ..JobMessage::generate(id, "") };
+    job.seal(&content, fleet_key).unwrap();
+    json!({"kind": kind, "private": true, "prompt": "", "sealed": job.sealed})
+}
+
+/// `job` with one change.
+fn tweaked(mut job: Value, tweak: impl FnOnce(&mut Value)) -> Value {
+    tweak(&mut job);
+    job
+}
+
+fn cases(object_keys: &HashMap<&str, String>, fleet_key: &PublicKey) -> Vec<Case> {
     use ErrorCode::*;
     let case = |id, class, body, code| Case { id, class, body, code };
+    let s = |id: &str, prompt: &str| sealed(id, JobKind::Generate, fleet_key, prompt, None);
     let j = |id: &'static str, class, changes, code| case(id, class, Body::Json(generate(id, changes)), code);
     let e = |id: &'static str, class, changes, code| case(id, class, Body::Json(edit(id, changes)), code);
     let object = |name: &str| json!({ "object": object_keys[name] });
@@ -122,7 +144,6 @@ fn cases(object_keys: &HashMap<&str, String>) -> Vec<Case> {
         j("empty-user", "empty `user`", json!({"user": ""}), InvalidParameter),
         j("gen-image", "a generate job with an `image`", json!({"image": inline(&png(8, 8))}), InvalidParameter),
         j("gen-strength", "a generate job with a `strength`", json!({"strength": 0.5}), InvalidParameter),
-        j("private", "`private: true` (Private Mode not served yet)", json!({"private": true}), PrivateModeUnavailable),
         j("late", "`deadline_ms` already past", json!({"deadline_ms": 1}), DeadlineExceeded),
         // edit parameters
         case(
@@ -199,6 +220,80 @@ fn cases(object_keys: &HashMap<&str, String>) -> Vec<Case> {
             json!({"mask": {"object": "inputs/none/mask"}}),
             MaxDeliveriesExceeded,
         ),
+        // private and sealed jobs
+        j("private-no-reply", "`private: true`, unsealed, without `reply`", json!({"private": true}), InvalidParameter),
+        j(
+            "sealed-public",
+            "`sealed` without `private: true`",
+            tweaked(s("sealed-public", "x"), |j| j["private"] = json!(false)),
+            InvalidParameter,
+        ),
+        j(
+            "sealed-clear",
+            "`sealed` with a clear `prompt` too",
+            tweaked(s("sealed-clear", "x"), |j| j["prompt"] = json!("clear words")),
+            InvalidParameter,
+        ),
+        j(
+            "sealed-key-id",
+            "`sealed.key_id` not 16 hex digits",
+            tweaked(s("sealed-key-id", "x"), |j| j["sealed"]["key_id"] = json!("fleet-2024")),
+            SealInvalid,
+        ),
+        j(
+            "sealed-encap",
+            "`sealed.encapsulated_key` not base64 of 32 bytes",
+            tweaked(s("sealed-encap", "x"), |j| j["sealed"]["encapsulated_key"] = json!("AAAA")),
+            SealInvalid,
+        ),
+        j(
+            "sealed-reply-key",
+            "`sealed.reply_key` not base64 of a 32-byte key",
+            tweaked(s("sealed-reply-key", "x"), |j| j["sealed"]["reply_key"] = json!("not a key")),
+            SealInvalid,
+        ),
+        j(
+            "sealed-not-base64",
+            "sealed ciphertext that is not base64",
+            tweaked(s("sealed-not-base64", "x"), |j| j["sealed"]["ciphertext"] = json!({"inline": "not base64!"})),
+            SealInvalid,
+        ),
+        j(
+            "sealed-unknown-key",
+            "sealed to a key the worker does not hold",
+            sealed("sealed-unknown-key", JobKind::Generate, SecretKey::generate().public_key(), "x", None),
+            SealUnknownKey,
+        ),
+        j(
+            "sealed-tampered",
+            "sealed ciphertext with a byte changed",
+            tweaked(s("sealed-tampered", "x"), |j| {
+                let b64 = j["sealed"]["ciphertext"]["inline"].as_str().unwrap().to_string();
+                let mut bytes = base64::engine::general_purpose::STANDARD.decode(b64).unwrap();
+                bytes[0] ^= 1;
+                j["sealed"]["ciphertext"]["inline"] = json!(base64::engine::general_purpose::STANDARD.encode(bytes));
+            }),
+            SealInvalid,
+        ),
+        j("sealed-replayed", "sealed content replayed under another job id", s("sealed-original-id", "x"), SealInvalid),
+        j(
+            "sealed-no-image",
+            "a sealed edit whose content holds no image",
+            sealed("sealed-no-image", JobKind::Edit, fleet_key, "x", None),
+            ImageRequired,
+        ),
+        j(
+            "sealed-gen-image",
+            "a sealed generate job whose content holds an image",
+            sealed("sealed-gen-image", JobKind::Generate, fleet_key, "x", Some(&png(8, 8))),
+            InvalidParameter,
+        ),
+        j(
+            "sealed-long-prompt",
+            "a sealed `prompt` over 2000 characters",
+            s("sealed-long-prompt", &"x".repeat(2001)),
+            InvalidPrompt,
+        ),
     ]
 }
 
@@ -206,13 +301,16 @@ fn cases(object_keys: &HashMap<&str, String>) -> Vec<Case> {
 async fn every_class_of_bad_input_gets_its_error_code_and_is_not_retried() {
     let server = NatsServer::start();
     let queue = client(&server).await;
-    let _worker = WorkerProcess::start(&server, "w", &[]);
+    let keys = tempfile::tempdir().unwrap();
+    let fleet = generate_key_files(keys.path()).unwrap();
+    let fleet_key = PublicKey::read_file(&fleet.public).unwrap();
+    let _worker = WorkerProcess::start(&server, "w", &["--fleet-key", fleet.secret.to_str().unwrap()]);
     let big = vec![0u8; 20 * 1024 * 1024 + 1];
     let big_key = match queue.upload_input("big-object", "image", &big, None).await.unwrap() {
         imago::job::ImageRef::Object(key) => key,
         other => panic!("{other:?}"),
     };
-    let cases = cases(&HashMap::from([("big", big_key)]));
+    let cases = cases(&HashMap::from([("big", big_key)]), &fleet_key);
     let mut results = queue.client.subscribe(queue.config.names.results("*")).await.unwrap();
     for case in &cases {
         let payload = match &case.body {

@@ -92,8 +92,12 @@ async fn start_worker(
         ..QueueConfig::default()
     };
     let queue = Queue::setup(async_nats::connect(url).await.unwrap(), config).await.unwrap();
-    let settings =
-        WorkerSettings { limits: JobLimits::default(), max_input_bytes: 1 << 20, metrics: Arc::new(Metrics::new()) };
+    let settings = WorkerSettings {
+        limits: JobLimits::default(),
+        max_input_bytes: 1 << 20,
+        metrics: Arc::new(Metrics::new()),
+        keyring: Default::default(),
+    };
     let worker = Worker::new(Arc::new(queue), device, settings);
     let (stop, stop_rx) = watch::channel(None);
     (stop, tokio::spawn(worker.run(stop_rx)))

@@ -32,6 +32,7 @@ async fn only_opted_in_non_private_jobs_become_anonymous_training_samples() {
     let mut private = job("private", "sd-turbo", 1);
     private.training_opt_in = true;
     private.private = true;
+    private.reply = Some(queue.client.new_inbox()); // an unsealed private job's images go only there
     for j in [&opted, &plain, &private] {
         queue.submit(j, WAIT, |_| {}).await.unwrap();
     }

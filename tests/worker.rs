@@ -256,11 +256,6 @@ async fn invalid_jobs_get_an_error_result_and_are_not_retried() {
             ErrorCode::DeadlineExceeded,
         ),
         (
-            "private",
-            serde_json::json!({"v": 1, "id": "private", "kind": "generate", "prompt": "x", "private": true}),
-            ErrorCode::PrivateModeUnavailable,
-        ),
-        (
             "bad-image",
             serde_json::json!({"v": 1, "id": "bad-image", "kind": "edit", "prompt": "x", "model": "sd-turbo",
             "image": {"inline": base64::engine::general_purpose::STANDARD.encode(b"GIF89a")}}),

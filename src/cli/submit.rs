@@ -1,5 +1,5 @@
 //! `imago submit`: a client that sends one job, follows its progress, writes its images, and exits non-zero on an
-//! error result. `imago cancel` asks the fleet to cancel a job.
+//! error result; `--private` and `--seal` send it in Private Mode. `imago cancel` asks the fleet to cancel a job.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -8,6 +8,8 @@ use anyhow::{bail, Context};
 use base64::Engine as _;
 use clap::Args;
 use imago::job::{ImageRef, JobKind, JobMessage, JobStatus, OutputFormat, PROTOCOL_VERSION};
+use imago::private::seal::{JobContent, PublicKey};
+use imago::private::{SecretBytes, SecretString};
 use imago::queue::QueueConfig;
 
 use super::connect::ConnectArgs;
@@ -60,6 +62,17 @@ pub struct SubmitArgs {
     /// jpeg instead of png.
     #[arg(long)]
     pub jpeg: bool,
+    /// Private Mode: the content lives only in locked, wiped memory on the worker and the output is never stored
+    /// in plaintext (without --seal the images come back on a private inbox only).
+    #[arg(long)]
+    pub private: bool,
+    /// Seal the prompt, image and mask to the fleet's public key (implies --private): the queue and the object
+    /// store only ever see ciphertext, and the images come back sealed to a one-time key of this client.
+    #[arg(long, requires = "fleet_key")]
+    pub seal: bool,
+    /// The fleet's public key file (written by `imago keygen`), for --seal.
+    #[arg(long, env = "IMAGO_FLEET_PUBLIC_KEY")]
+    pub fleet_key: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]
@@ -106,25 +119,29 @@ async fn submit(args: SubmitArgs) -> anyhow::Result<()> {
             })
         }
     };
-    let image = match &args.image {
-        Some(p) => Some(input(p, "image").await?),
-        None => None,
-    };
-    let mask = match &args.mask {
-        Some(p) => Some(input(p, "mask").await?),
-        None => None,
-    };
-    if mask.is_some() && image.is_none() {
+    if args.mask.is_some() && args.image.is_none() {
         bail!("--mask needs --image");
     }
+    // A sealed job's image and mask travel inside the sealed content, not as clear inputs.
+    let (image, mask) = match (&args.image, &args.mask, args.seal) {
+        (Some(image), mask, false) => {
+            let mask = match mask {
+                Some(p) => Some(input(p, "mask").await?),
+                None => None,
+            };
+            (Some(input(image, "image").await?), mask)
+        }
+        _ => (None, None),
+    };
+    let private = args.private || args.seal;
     let deadline_ms = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| (d + Duration::from_secs(args.timeout)).as_millis() as u64)
         .ok();
-    let job = JobMessage {
+    let mut job = JobMessage {
         v: PROTOCOL_VERSION,
         id: id.clone(),
-        kind: if image.is_some() { JobKind::Edit } else { JobKind::Generate },
+        kind: if args.image.is_some() { JobKind::Edit } else { JobKind::Generate },
         model: args.model.clone(),
         prompt: args.prompt.clone(),
         negative_prompt: args.negative.clone(),
@@ -139,12 +156,22 @@ async fn submit(args: SubmitArgs) -> anyhow::Result<()> {
         mask_blur: 0.0,
         image,
         mask,
-        private: false,
+        private,
         training_opt_in: false,
         user: args.user.clone(),
-        reply: None,
+        // An unsealed private job's images are sent only to its reply subject, never stored.
+        reply: (private && !args.seal).then(|| queue.client.new_inbox()),
         deadline_ms,
         output_format: if args.jpeg { OutputFormat::Jpeg } else { OutputFormat::Png },
+        sealed: None,
+    };
+    let reply_key = match (&args.fleet_key, args.seal) {
+        (Some(key_file), true) => {
+            let fleet_key = PublicKey::read_file(key_file)?;
+            let content = sealed_content(&args)?;
+            Some(queue.seal_job(&mut job, &content, &fleet_key).await?)
+        }
+        _ => None,
     };
     eprintln!("submitted {id}");
     let bar = progress_bar(1);
@@ -165,11 +192,24 @@ async fn submit(args: SubmitArgs) -> anyhow::Result<()> {
             bail!("job {id} ended {status:?}: {code}: {message}");
         }
     }
-    for (i, image) in result.images.iter().enumerate() {
-        let path = super::generate::output_path(&args.output, i, result.images.len());
-        let bytes = queue.image_bytes(image).await?;
+    let count = result.images.len();
+    let write = |i: usize, bytes: &[u8]| {
+        let path = super::generate::output_path(&args.output, i, count);
         std::fs::write(&path, bytes).with_context(|| format!("writing {}", path.display()))?;
         println!("{}", path.display());
+        anyhow::Ok(())
+    };
+    match &reply_key {
+        Some(reply_key) => {
+            for (i, image) in queue.open_result(&result, reply_key).await?.iter().enumerate() {
+                write(i, image.expose())?;
+            }
+        }
+        None => {
+            for (i, image) in result.images.iter().enumerate() {
+                write(i, &queue.image_bytes(image).await?)?;
+            }
+        }
     }
     if let Some(t) = &result.timings {
         eprintln!(
@@ -181,4 +221,19 @@ async fn submit(args: SubmitArgs) -> anyhow::Result<()> {
         );
     }
     Ok(())
+}
+
+/// The content of a sealed job: the prompts and the input files, read into secret buffers.
+fn sealed_content(args: &SubmitArgs) -> anyhow::Result<JobContent> {
+    let read = |path: &Option<PathBuf>| -> anyhow::Result<Option<SecretBytes>> {
+        path.as_ref()
+            .map(|p| std::fs::read(p).map(SecretBytes::from_vec).with_context(|| format!("reading {}", p.display())))
+            .transpose()
+    };
+    Ok(JobContent {
+        prompt: SecretString::from(args.prompt.clone()),
+        negative_prompt: SecretString::from(args.negative.clone()),
+        image: read(&args.image)?,
+        mask: read(&args.mask)?,
+    })
 }

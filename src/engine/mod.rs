@@ -2,8 +2,12 @@
 //! cancellation and deadlines, and knows nothing about NATS: a job arrives as a [`JobSpec`] plus its input bytes
 //! and leaves as encoded images or a [`JobError`] whose code decides what the transport does with it.
 
+mod batch;
+mod embeddings;
 mod faults;
+mod lru;
 mod models;
+mod private_jobs;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -11,8 +15,10 @@ use std::time::{Instant, SystemTime};
 
 use image::{GrayImage, RgbImage};
 
+pub use batch::{batch_key, plan_batches, BatchJob, BatchKey};
+pub use embeddings::{EmbeddingCache, EmbeddingCacheStats};
 pub use faults::{generate_in_chunks, is_device_lost, is_out_of_memory, run_in_chunks, DeviceHealth};
-pub use models::{ModelCache, ModelDirectory};
+pub use models::{ModelCache, ModelCacheStats, ModelDirectory};
 
 use crate::diffusion::edit::{default_edit_size, EditInputs, EditParams};
 use crate::diffusion::image_io::{encode_jpeg, encode_png, parameters_text, tensor_to_images};
@@ -21,6 +27,8 @@ use crate::diffusion::model::{DiffusionModel, LoadOptions};
 use crate::diffusion::pipeline::{GenerateParams, GenerateRequest, Generated, StepProgress};
 use crate::diffusion::Error as DiffusionError;
 use crate::job::{ErrorCode, JobError, JobKind, JobSpec, OutputFormat, Timings};
+use crate::private::SecretBytes;
+use private_jobs::{forget_private_tensors, DeviceAccess};
 
 /// How the engine runs.
 #[derive(Debug, Clone)]
@@ -30,11 +38,26 @@ pub struct EngineConfig {
     pub input_limits: InputLimits,
 }
 
-/// The decoded-from-transport inputs of an edit job (still encoded image files).
+/// Memory the engine's caches may keep.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CacheLimits {
+    /// Bytes of model weights kept loaded; beyond it the least recently used models are dropped. `None`: no limit.
+    pub model_bytes: Option<u64>,
+    /// Bytes of encoded prompts kept for jobs that repeat them; 0 turns the cache off.
+    pub prompt_embedding_bytes: u64,
+}
+
+impl Default for CacheLimits {
+    fn default() -> Self {
+        Self { model_bytes: None, prompt_embedding_bytes: 64 << 20 }
+    }
+}
+
+/// The inputs of an edit job as the transport delivered them (still encoded image files), in secret buffers.
 #[derive(Default)]
 pub struct JobInputs {
-    pub image: Option<Vec<u8>>,
-    pub mask: Option<Vec<u8>>,
+    pub image: Option<SecretBytes>,
+    pub mask: Option<SecretBytes>,
 }
 
 /// Cancellation and deadline of one running job; the flag may be set from any thread.
@@ -79,6 +102,12 @@ pub trait JobRunner: Send + Sync + 'static {
         on_step: &mut dyn FnMut(StepProgress),
     ) -> Result<JobOutput, JobError>;
 
+    /// Runs generate jobs (no inputs) that [`plan_batches`] grouped, together where the runner can; one result per
+    /// job, in order. By default one by one.
+    fn run_batch(&self, jobs: &mut [BatchJob]) -> Vec<Result<JobOutput, JobError>> {
+        jobs.iter_mut().map(|job| self.run(job.spec, &JobInputs::default(), job.control, &mut *job.on_step)).collect()
+    }
+
     /// The fault that made the device unusable (a context-killing CUDA error), if one happened: the worker then
     /// hands its jobs back and stops, for a supervisor to restart it on a fresh context.
     fn device_lost(&self) -> Option<String> {
@@ -97,6 +126,10 @@ impl JobRunner for Engine {
         Engine::run(self, spec, inputs, control, on_step)
     }
 
+    fn run_batch(&self, jobs: &mut [BatchJob]) -> Vec<Result<JobOutput, JobError>> {
+        Engine::run_batch(self, jobs)
+    }
+
     fn device_lost(&self) -> Option<String> {
         self.health.lost()
     }
@@ -107,6 +140,8 @@ pub struct Engine {
     models: ModelCache,
     input_limits: InputLimits,
     health: DeviceHealth,
+    embeddings: EmbeddingCache,
+    device_access: DeviceAccess,
 }
 
 fn random_seed() -> u64 {
@@ -115,12 +150,36 @@ fn random_seed() -> u64 {
 }
 
 impl Engine {
+    /// An engine with the default [`CacheLimits`].
     pub fn new(config: EngineConfig) -> Self {
+        Self::with_caches(config, CacheLimits::default())
+    }
+
+    pub fn with_caches(config: EngineConfig, caches: CacheLimits) -> Self {
+        let device_access = DeviceAccess::new(&config.load.device);
         Self {
-            models: ModelCache::new(config.models, config.load),
+            models: ModelCache::new(config.models, config.load, caches.model_bytes),
             input_limits: config.input_limits,
             health: DeviceHealth::default(),
+            embeddings: EmbeddingCache::new(caches.prompt_embedding_bytes),
+            device_access,
         }
+    }
+
+    /// What the model cache holds and did so far.
+    pub fn model_cache_stats(&self) -> ModelCacheStats {
+        self.models.stats()
+    }
+
+    /// What the prompt-embedding cache holds and did so far.
+    pub fn embedding_cache_stats(&self) -> EmbeddingCacheStats {
+        self.embeddings.stats()
+    }
+
+    /// The loaded model a job's `model` name refers to, loading it if needed: for tools that drive the pipeline
+    /// beside the engine on the same weights (`imago bench` times its stages this way).
+    pub fn model(&self, name: &str) -> Result<Arc<DiffusionModel>, JobError> {
+        self.models.get(name)
     }
 
     /// Runs one job to completion, cancellation or failure. Blocking: call it from a blocking thread.
@@ -133,6 +192,10 @@ impl Engine {
         on_step: &mut dyn FnMut(StepProgress),
     ) -> Result<JobOutput, JobError> {
         self.health.ensure_usable()?;
+        if spec.private {
+            return self.run_private(spec, inputs, control, on_step);
+        }
+        let _turn = self.device_access.shared();
         self.health.observe(self.run_on_device(spec, inputs, control, on_step))
     }
 
@@ -144,26 +207,11 @@ impl Engine {
         on_step: &mut dyn FnMut(StepProgress),
     ) -> Result<JobOutput, JobError> {
         let started = Instant::now();
-        if spec.private {
-            return Err(JobError::new(
-                ErrorCode::PrivateModeUnavailable,
-                "this worker does not serve Private Mode jobs yet; nothing of this job was stored",
-            ));
-        }
         if control.past_deadline() {
             return Err(JobError::new(ErrorCode::DeadlineExceeded, "the job's deadline passed before it started"));
         }
         let model = self.models.get(&spec.model)?;
-        let request = GenerateRequest {
-            prompt: spec.prompt.clone(),
-            negative_prompt: spec.negative_prompt.clone(),
-            size: spec.size.map(|(w, h)| (w as usize, h as usize)),
-            steps: spec.steps.map(|s| s as usize),
-            guidance: spec.guidance,
-            seed: spec.seed.unwrap_or_else(random_seed),
-            scheduler: spec.scheduler,
-            batch: spec.batch as usize,
-        };
+        let request = job_request(spec, spec.seed.unwrap_or_else(random_seed));
         let mut progress = |p: StepProgress| {
             on_step(p);
             !control.stop_requested()
@@ -171,7 +219,7 @@ impl Engine {
         let (params, generated) = match spec.kind {
             JobKind::Generate => {
                 let params = model.params(request).map_err(|e| diffusion_error(e, control))?;
-                let generated = generate_in_chunks(&params, |p| model.generate(p, &mut progress));
+                let generated = self.generate_one(&model, spec, &params, &mut progress);
                 (params, generated)
             }
             JobKind::Edit => {
@@ -184,7 +232,11 @@ impl Engine {
             }
         };
         let generated = generated.map_err(|e| diffusion_error(e, control))?;
-        encode_output(spec, &params, &generated, started)
+        let output = encode_output(spec, &params, &generated, started);
+        if spec.private {
+            forget_private_tensors(&generated)?;
+        }
+        output
     }
 
     /// Decodes and fits an edit's inputs and fills in its parameters.
@@ -199,8 +251,9 @@ impl Engine {
         let missing = || JobError::new(ErrorCode::ImageRequired, "edit jobs need an image");
         let edit = spec.edit.as_ref().ok_or_else(missing)?;
         let image =
-            decode_image(inputs.image.as_deref().ok_or_else(missing)?, &self.input_limits).map_err(input_error)?;
-        let mask = match inputs.mask.as_deref() {
+            decode_image(inputs.image.as_ref().map(SecretBytes::expose).ok_or_else(missing)?, &self.input_limits)
+                .map_err(input_error)?;
+        let mask = match inputs.mask.as_ref().map(SecretBytes::expose) {
             Some(bytes) => {
                 let mask = decode_mask(bytes, &self.input_limits).map_err(input_error)?;
                 check_mask_size(&image, &mask).map_err(input_error)?;
@@ -217,6 +270,20 @@ impl Engine {
         let mask = mask.map(|m| fit_image(&m, w, h));
         let strength = edit.strength.unwrap_or(if mask.is_some() { 1.0 } else { 0.6 });
         Ok((EditParams { generate, strength, mask_blur: edit.mask_blur }, image, mask))
+    }
+}
+
+/// What a job asks of the pipeline, `seed` for its first image.
+fn job_request(spec: &JobSpec, seed: u64) -> GenerateRequest {
+    GenerateRequest {
+        prompt: spec.prompt.expose().to_string(),
+        negative_prompt: spec.negative_prompt.expose().to_string(),
+        size: spec.size.map(|(w, h)| (w as usize, h as usize)),
+        steps: spec.steps.map(|s| s as usize),
+        guidance: spec.guidance,
+        seed,
+        scheduler: spec.scheduler,
+        batch: spec.batch as usize,
     }
 }
 

@@ -3,8 +3,10 @@
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use super::sealed::{check_private_content, SealedSpec};
 use super::wire::{ErrorCode, ImageRef, JobKind, JobMessage, OutputFormat, PROTOCOL_VERSION};
 use crate::diffusion::schedulers::SchedulerKind;
+use crate::private::SecretString;
 
 /// Limits a worker applies to every job.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -39,7 +41,8 @@ impl JobError {
 /// An edit's inputs, still encoded (resolved from the object store by the queue when needed).
 #[derive(Debug, Clone, PartialEq)]
 pub struct EditSpec {
-    pub image: ImageRef,
+    /// `None` for a sealed job: its image is inside the sealed content.
+    pub image: Option<ImageRef>,
     pub mask: Option<ImageRef>,
     pub strength: Option<f64>,
     pub mask_blur: f32,
@@ -51,8 +54,9 @@ pub struct JobSpec {
     pub id: String,
     pub kind: JobKind,
     pub model: String,
-    pub prompt: String,
-    pub negative_prompt: String,
+    /// The prompts live in secret buffers from validation on, for every job: one rule, no private branch.
+    pub prompt: SecretString,
+    pub negative_prompt: SecretString,
     pub size: Option<(u32, u32)>,
     pub steps: Option<u32>,
     pub guidance: Option<f64>,
@@ -66,6 +70,8 @@ pub struct JobSpec {
     pub reply: Option<String>,
     pub deadline: Option<SystemTime>,
     pub output_format: OutputFormat,
+    /// A sealed job: its prompts, image and mask are opened by the worker before the run.
+    pub sealed: Option<SealedSpec>,
 }
 
 impl std::fmt::Debug for JobSpec {
@@ -128,15 +134,9 @@ pub fn validate(msg: JobMessage, limits: &JobLimits) -> Result<JobSpec, JobError
     if !valid_model_name(&msg.model) {
         return fail(UnknownModel, format!("{:?} is not a valid model name", msg.model));
     }
-    for (name, text) in [("prompt", &msg.prompt), ("negative_prompt", &msg.negative_prompt)] {
-        let chars = text.chars().count();
-        if chars > limits.max_prompt_chars {
-            return fail(
-                InvalidPrompt,
-                format!("{name} has {chars} characters, over the limit of {}", limits.max_prompt_chars),
-            );
-        }
-    }
+    check_prompt("prompt", &msg.prompt, limits)?;
+    check_prompt("negative_prompt", &msg.negative_prompt, limits)?;
+    let sealed = check_private_content(&msg)?;
     let size = match (msg.width, msg.height) {
         (None, None) => None,
         (Some(w), Some(h)) => {
@@ -188,9 +188,9 @@ pub fn validate(msg: JobMessage, limits: &JobLimits) -> Result<JobSpec, JobError
             None
         }
         JobKind::Edit => {
-            let Some(image) = msg.image else {
+            if msg.image.is_none() && sealed.is_none() {
                 return fail(ImageRequired, "edit jobs need an image".into());
-            };
+            }
             if let Some(s) = msg.strength {
                 if !(0.0..=1.0).contains(&s) {
                     return fail(InvalidParameter, format!("strength {s} is outside 0..=1"));
@@ -199,22 +199,18 @@ pub fn validate(msg: JobMessage, limits: &JobLimits) -> Result<JobSpec, JobError
             if !(0.0..=64.0).contains(&msg.mask_blur) {
                 return fail(InvalidParameter, format!("mask_blur {} is outside 0..=64", msg.mask_blur));
             }
-            for r in std::iter::once(&image).chain(msg.mask.as_ref()) {
-                if let ImageRef::Object(key) = r {
-                    if key.is_empty() || key.len() > 512 {
-                        return fail(InvalidParameter, "object keys must be 1-512 bytes".into());
-                    }
-                }
+            for r in msg.image.iter().chain(msg.mask.as_ref()) {
+                check_object_key(r)?;
             }
-            Some(EditSpec { image, mask: msg.mask, strength: msg.strength, mask_blur: msg.mask_blur })
+            Some(EditSpec { image: msg.image, mask: msg.mask, strength: msg.strength, mask_blur: msg.mask_blur })
         }
     };
     Ok(JobSpec {
         id: msg.id,
         kind: msg.kind,
         model: msg.model,
-        prompt: msg.prompt,
-        negative_prompt: msg.negative_prompt,
+        prompt: SecretString::from_string(msg.prompt),
+        negative_prompt: SecretString::from_string(msg.negative_prompt),
         size,
         steps: msg.steps,
         guidance: msg.guidance,
@@ -228,7 +224,30 @@ pub fn validate(msg: JobMessage, limits: &JobLimits) -> Result<JobSpec, JobError
         reply: msg.reply,
         deadline: msg.deadline_ms.map(|ms| UNIX_EPOCH + Duration::from_millis(ms)),
         output_format: msg.output_format,
+        sealed,
     })
+}
+
+/// A prompt within the length limit.
+pub(super) fn check_prompt(name: &str, text: &str, limits: &JobLimits) -> Result<(), JobError> {
+    let chars = text.chars().count();
+    if chars > limits.max_prompt_chars {
+        return Err(JobError::new(
+            ErrorCode::InvalidPrompt,
+            format!("{name} has {chars} characters, over the limit of {}", limits.max_prompt_chars),
+        ));
+    }
+    Ok(())
+}
+
+/// An object-store key of a usable length.
+pub(super) fn check_object_key(r: &ImageRef) -> Result<(), JobError> {
+    match r {
+        ImageRef::Object(key) if key.is_empty() || key.len() > 512 => {
+            Err(JobError::new(ErrorCode::InvalidParameter, "object keys must be 1-512 bytes"))
+        }
+        _ => Ok(()),
+    }
 }
 
 #[cfg(test)]

@@ -28,11 +28,12 @@ impl JobKind {
     }
 }
 
-/// An image carried in a message: inline (base64 of the file bytes) or a key in the object store.
+/// Bytes carried in a message (an image file, or the ciphertext of a sealed job or result image): inline (base64)
+/// or a key in the object store.
 #[derive(Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum ImageRef {
-    /// Base64 (standard alphabet, padded) of a PNG, JPEG or WebP file.
+    /// Base64 (standard alphabet, padded) of a PNG, JPEG or WebP file (or of ciphertext, for sealed content).
     Inline(String),
     /// Key in the `imago-images` object store bucket.
     Object(String),
@@ -44,6 +45,29 @@ impl std::fmt::Debug for ImageRef {
             ImageRef::Inline(b64) => write!(f, "Inline({} base64 chars)", b64.len()),
             ImageRef::Object(key) => write!(f, "Object({key:?})"),
         }
+    }
+}
+
+/// The content of a sealed job (Private Mode): prompt, negative prompt, image and mask, sealed by the client with
+/// HPKE (RFC 9180: X25519, HKDF-SHA256, ChaCha20-Poly1305) to the worker fleet's public key, so the queue and the
+/// object store only ever hold ciphertext. The job's clear `prompt`, `negative_prompt`, `image` and `mask` stay
+/// empty. The result's images are sealed to `reply_key`.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct SealedContent {
+    /// The fleet key sealed to: 16 lowercase hex digits, the first 8 bytes of SHA-256 of its public key.
+    pub key_id: String,
+    /// The HPKE encapsulated key: base64 of 32 bytes.
+    pub encapsulated_key: String,
+    /// The HPKE ciphertext of the content frame (tag included): inline base64, or a key in the object store for
+    /// large inputs.
+    pub ciphertext: ImageRef,
+    /// The client's one-time X25519 public key (base64 of 32 bytes): each result image is sealed to it.
+    pub reply_key: String,
+}
+
+impl std::fmt::Debug for SealedContent {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SealedContent").field("key_id", &self.key_id).field("ciphertext", &self.ciphertext).finish()
     }
 }
 
@@ -97,7 +121,8 @@ pub struct JobMessage {
     pub image: Option<ImageRef>,
     /// Edit only: inpainting mask of the image's size, white = repaint.
     pub mask: Option<ImageRef>,
-    /// Private Mode (see the README). Not yet served by this worker: such jobs get `private_mode_unavailable`.
+    /// Private Mode (see the README): the job's content lives only in locked, wiped memory on the worker, and its
+    /// output is never stored in plaintext.
     #[serde(default)]
     pub private: bool,
     /// Whether the user allowed this job's content to be used for training (anonymized). Default false.
@@ -111,6 +136,9 @@ pub struct JobMessage {
     pub deadline_ms: Option<u64>,
     #[serde(default)]
     pub output_format: OutputFormat,
+    /// A sealed job: its content travels encrypted here (needs `private: true`, and the clear content fields left
+    /// empty). See the README's Private Mode section.
+    pub sealed: Option<SealedContent>,
 }
 
 impl JobMessage {
@@ -141,6 +169,7 @@ impl JobMessage {
             reply: None,
             deadline_ms: None,
             output_format: OutputFormat::Png,
+            sealed: None,
         }
     }
 }
@@ -152,6 +181,7 @@ impl std::fmt::Debug for JobMessage {
             .field("kind", &self.kind)
             .field("model", &self.model)
             .field("private", &self.private)
+            .field("sealed", &self.sealed.is_some())
             .finish_non_exhaustive()
     }
 }
@@ -185,7 +215,11 @@ pub enum ErrorCode {
     ImageUnsupportedFormat,
     MaskSizeMismatch,
     ObjectNotFound,
-    PrivateModeUnavailable,
+    // Sealed jobs: the fleet key named is not on this worker's ring; the content does not open (tampered with,
+    // truncated, sealed to another key or for another job id) or is malformed. (Plain comments: doc comments on
+    // variants would turn the schema's flat `enum` of codes into a `oneOf`.)
+    SealUnknownKey,
+    SealInvalid,
     DeadlineExceeded,
     Cancelled,
     OutOfMemory,
@@ -218,7 +252,8 @@ impl ErrorCode {
             ErrorCode::ImageUnsupportedFormat => "image_unsupported_format",
             ErrorCode::MaskSizeMismatch => "mask_size_mismatch",
             ErrorCode::ObjectNotFound => "object_not_found",
-            ErrorCode::PrivateModeUnavailable => "private_mode_unavailable",
+            ErrorCode::SealUnknownKey => "seal_unknown_key",
+            ErrorCode::SealInvalid => "seal_invalid",
             ErrorCode::DeadlineExceeded => "deadline_exceeded",
             ErrorCode::Cancelled => "cancelled",
             ErrorCode::OutOfMemory => "out_of_memory",
@@ -227,7 +262,7 @@ impl ErrorCode {
         }
     }
 
-    pub const ALL: [ErrorCode; 22] = [
+    pub const ALL: [ErrorCode; 23] = [
         ErrorCode::InvalidJson,
         ErrorCode::UnsupportedVersion,
         ErrorCode::InvalidId,
@@ -244,7 +279,8 @@ impl ErrorCode {
         ErrorCode::ImageUnsupportedFormat,
         ErrorCode::MaskSizeMismatch,
         ErrorCode::ObjectNotFound,
-        ErrorCode::PrivateModeUnavailable,
+        ErrorCode::SealUnknownKey,
+        ErrorCode::SealInvalid,
         ErrorCode::DeadlineExceeded,
         ErrorCode::Cancelled,
         ErrorCode::OutOfMemory,
@@ -291,6 +327,10 @@ pub struct JobResult {
     pub error: Option<ErrorBody>,
     /// Name of the worker that produced the result.
     pub worker: Option<String>,
+    /// The images are sealed to the job's `reply_key` (a sealed job): each is base64 (inline) or an object holding
+    /// `encapsulated key (32 bytes) ‖ ciphertext`, opened with the one-time secret key and the AAD `<id>/<index>`.
+    #[serde(default)]
+    pub sealed: bool,
 }
 
 impl std::fmt::Debug for JobResult {
@@ -319,6 +359,7 @@ impl JobResult {
             timings: None,
             error: Some(ErrorBody { code, message: message.into() }),
             worker: None,
+            sealed: false,
         }
     }
 }

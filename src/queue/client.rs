@@ -1,5 +1,5 @@
-//! The requester's side: submit a job, follow its progress, receive its result, fetch its images, cancel it.
-//! Used by `imago submit`, the examples and the tests.
+//! The requester's side: submit a job, follow its progress, receive its result, fetch its images, cancel it; seal
+//! a private job's content and open its sealed result. Used by `imago submit`, the examples and the tests.
 
 use std::time::Duration;
 
@@ -10,11 +10,14 @@ use tokio::io::AsyncReadExt;
 use super::setup::Queue;
 use super::QueueError;
 use crate::job::{ImageRef, JobMessage, JobResult, ProgressEvent};
+use crate::private::seal::{self, JobContent, PublicKey, SecretKey};
+use crate::private::SecretBytes;
 
 impl Queue {
     /// Publishes `job` (its id as `Nats-Msg-Id`, so a resubmit is deduplicated) and waits for its result,
     /// calling `on_progress` for each progress event. A job answered before (a duplicate submit) returns the
-    /// stored result.
+    /// stored result. An unsealed private job's result is awaited on its `reply` subject, the only place its images
+    /// are sent (the results stream holds a record without them).
     pub async fn submit(
         &self,
         job: &JobMessage,
@@ -22,9 +25,13 @@ impl Queue {
         mut on_progress: impl FnMut(&ProgressEvent),
     ) -> Result<JobResult, QueueError> {
         let names = &self.config.names;
+        let answers = match (&job.reply, job.private && job.sealed.is_none()) {
+            (Some(reply), true) => reply.clone(),
+            (None, true) => return Err(QueueError::Protocol("an unsealed private job needs `reply`".into())),
+            (_, false) => names.results(&job.id),
+        };
         // Subscribe before publishing so no event can be missed.
-        let mut results =
-            self.client.subscribe(names.results(&job.id)).await.map_err(|e| QueueError::Publish(e.to_string()))?;
+        let mut results = self.client.subscribe(answers).await.map_err(|e| QueueError::Publish(e.to_string()))?;
         let mut progress =
             self.client.subscribe(names.progress(&job.id)).await.map_err(|e| QueueError::Publish(e.to_string()))?;
         let payload = serde_json::to_vec(job).map_err(|e| QueueError::Publish(e.to_string()))?;
@@ -82,6 +89,44 @@ impl Queue {
                 Ok(bytes)
             }
         }
+    }
+
+    /// Seals `content` into `job` for the fleet key (see [`JobMessage::attach_sealed`]); a ciphertext too large to
+    /// travel inline goes to the object store under `inputs/<job id>/sealed` (still ciphertext). Returns the
+    /// one-time secret key that opens the result ([`Queue::open_result`]).
+    pub async fn seal_job(
+        &self,
+        job: &mut JobMessage,
+        content: &JobContent,
+        fleet_key: &PublicKey,
+    ) -> Result<SecretKey, QueueError> {
+        let sealing_error = |e: seal::SealError| QueueError::Protocol(format!("sealing the job: {e}"));
+        let reply_key = SecretKey::generate();
+        let sealed = seal::seal_job(fleet_key, &job.id, content).map_err(sealing_error)?;
+        let ciphertext =
+            if base64::encoded_len(sealed.ciphertext.len(), true).unwrap_or(usize::MAX) <= self.config.inline_limit {
+                ImageRef::Inline(base64::engine::general_purpose::STANDARD.encode(&sealed.ciphertext))
+            } else {
+                self.upload_input(&job.id, "sealed", &sealed.ciphertext, job.user.as_deref()).await?
+            };
+        job.attach_sealed(fleet_key, &sealed, ciphertext, reply_key.public_key());
+        Ok(reply_key)
+    }
+
+    /// The images of a sealed job's result, opened with the job's one-time secret key into secret buffers.
+    pub async fn open_result(&self, result: &JobResult, reply_key: &SecretKey) -> Result<Vec<SecretBytes>, QueueError> {
+        if !result.sealed && !result.images.is_empty() {
+            return Err(QueueError::Protocol(format!("the result of {} is not sealed", result.id)));
+        }
+        let mut images = Vec::with_capacity(result.images.len());
+        for (index, image) in result.images.iter().enumerate() {
+            let sealed = self.image_bytes(image).await?;
+            let opened = reply_key
+                .open_result(&result.id, index, &sealed)
+                .map_err(|e| QueueError::Protocol(format!("result image {index} of {}: {e}", result.id)))?;
+            images.push(opened);
+        }
+        Ok(images)
     }
 
     /// Uploads an input image to the object store under `inputs/<job id>/<name>`, tagged with the user (so a

@@ -7,6 +7,7 @@ mod admin;
 mod client;
 mod config;
 mod connect;
+mod private_jobs;
 mod setup;
 mod transport;
 mod worker;

@@ -11,6 +11,7 @@ use crate::engine::JobOutput;
 use crate::job::{
     ErrorCode, ImageRef, JobError, JobKind, JobResult, JobSpec, OutputFormat, ProgressEvent, PROTOCOL_VERSION,
 };
+use crate::private::SecretBytes;
 
 /// Header carrying the job id on results and dead letters (`Nats-Msg-Id` is the server's dedup key).
 pub const JOB_ID_HEADER: &str = "Imago-Job-Id";
@@ -60,6 +61,17 @@ impl Queue {
         reply: Option<&str>,
         user: Option<&str>,
     ) -> Result<bool, QueueError> {
+        let stored = self.store_result(result, user).await?;
+        if let Some(reply) = reply.filter(|_| stored) {
+            let payload = serde_json::to_vec(result).map_err(|e| QueueError::Publish(e.to_string()))?;
+            self.forward_result(payload.into(), reply).await?;
+        }
+        Ok(stored)
+    }
+
+    /// Stores a result in the results stream (deduplicated per job, the user in a header); returns `false` when
+    /// a result for the job was stored before, within the duplicate window.
+    pub(super) async fn store_result(&self, result: &JobResult, user: Option<&str>) -> Result<bool, QueueError> {
         let payload = Bytes::from(serde_json::to_vec(result).map_err(|e| QueueError::Publish(e.to_string()))?);
         let mut headers = async_nats::HeaderMap::new();
         headers.insert("Nats-Msg-Id", format!("result-{}", result.id).as_str());
@@ -70,15 +82,11 @@ impl Queue {
         let subject = self.config.names.results(&result.id);
         let stored = self
             .js
-            .publish_with_headers(subject, headers, payload.clone())
+            .publish_with_headers(subject, headers, payload)
             .await
             .map_err(|e| QueueError::Publish(e.to_string()))?
             .await
             .map_err(|e| QueueError::Publish(e.to_string()))?;
-        if let Some(reply) = reply.filter(|_| !stored.duplicate) {
-            self.client.publish(reply.to_string(), payload).await.map_err(|e| QueueError::Publish(e.to_string()))?;
-            self.client.flush().await.map_err(|e| QueueError::Publish(e.to_string()))?;
-        }
         Ok(!stored.duplicate)
     }
 
@@ -95,22 +103,24 @@ impl Queue {
         }
     }
 
-    /// Stores result images in the bucket under `results/<id>/<i>.<ext>`, tagged with the user for deletion and
-    /// export requests.
+    /// Stores result images in the bucket under `results/<id>/<i>.<ext>` (`<i>.<ext>.sealed` for the ciphertext of
+    /// a sealed job's images), tagged with the user for deletion and export requests.
     pub async fn store_images(
         &self,
         id: &str,
         user: Option<&str>,
         images: &[Vec<u8>],
         format: OutputFormat,
+        sealed: bool,
     ) -> Result<Vec<ImageRef>, QueueError> {
         let ext = match format {
             OutputFormat::Png => "png",
             OutputFormat::Jpeg => "jpg",
         };
+        let suffix = if sealed { ".sealed" } else { "" };
         let mut refs = Vec::with_capacity(images.len());
         for (i, image) in images.iter().enumerate() {
-            let key = format!("results/{id}/{i}.{ext}");
+            let key = format!("results/{id}/{i}.{ext}{suffix}");
             let mut metadata = std::collections::HashMap::from([("job".to_string(), id.to_string())]);
             if let Some(user) = user {
                 metadata.insert("user".to_string(), user.to_string());
@@ -130,7 +140,8 @@ impl Queue {
     }
 
     /// The bytes behind an image reference. A missing object is transient: its upload may still be on its way.
-    pub async fn fetch_image(&self, image: &ImageRef, max_bytes: usize) -> Result<Vec<u8>, JobError> {
+    /// An input image's file bytes, straight into a secret buffer.
+    pub async fn fetch_image(&self, image: &ImageRef, max_bytes: usize) -> Result<SecretBytes, JobError> {
         match image {
             ImageRef::Inline(b64) => {
                 if b64.len() / 4 * 3 > max_bytes {
@@ -139,9 +150,13 @@ impl Queue {
                         format!("inline image over {max_bytes} bytes"),
                     ));
                 }
-                base64::engine::general_purpose::STANDARD
-                    .decode(b64)
-                    .map_err(|e| JobError::new(ErrorCode::ImageUndecodable, format!("inline image is not base64: {e}")))
+                let mut bytes = SecretBytes::zeroed(base64::decoded_len_estimate(b64.len()));
+                let len =
+                    base64::engine::general_purpose::STANDARD.decode_slice(b64, bytes.expose_mut()).map_err(|e| {
+                        JobError::new(ErrorCode::ImageUndecodable, format!("inline image is not base64: {e}"))
+                    })?;
+                bytes.truncate(len);
+                Ok(bytes)
             }
             ImageRef::Object(key) => {
                 let not_found = |e: &dyn std::fmt::Display| {
@@ -156,7 +171,7 @@ impl Queue {
                 }
                 let mut bytes = Vec::with_capacity(object.info().size);
                 object.read_to_end(&mut bytes).await.map_err(|e| not_found(&e))?;
-                Ok(bytes)
+                Ok(SecretBytes::from_vec(bytes))
             }
         }
     }
@@ -179,8 +194,8 @@ impl Queue {
                 v: PROTOCOL_VERSION,
                 kind: spec.kind,
                 model: spec.model.clone(),
-                prompt: spec.prompt.clone(),
-                negative_prompt: spec.negative_prompt.clone(),
+                prompt: spec.prompt.expose().to_string(),
+                negative_prompt: spec.negative_prompt.expose().to_string(),
                 width: output.width,
                 height: output.height,
                 steps: output.steps,

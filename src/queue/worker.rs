@@ -15,12 +15,16 @@ use tokio::sync::{watch, Semaphore};
 use tokio::task::JoinSet;
 use tracing::Instrument;
 
+mod batching;
+
+use super::private_jobs::seal_output;
 use super::setup::Queue;
 use super::QueueError;
 use crate::engine::{JobControl, JobInputs, JobOutput, JobRunner};
 use crate::job::{
     self, ErrorCode, JobError, JobLimits, JobResult, JobSpec, JobStatus, ProgressEvent, PROTOCOL_VERSION,
 };
+use crate::private::seal::FleetKeyring;
 use crate::telemetry::{JobRecord, Metrics};
 
 /// What the signal handler asks of the worker.
@@ -55,6 +59,8 @@ pub struct WorkerSettings {
     /// Largest input image accepted (inline or from the object store).
     pub max_input_bytes: usize,
     pub metrics: Arc<Metrics>,
+    /// The fleet keys sealed jobs are opened with (empty: every sealed job gets `seal_unknown_key`).
+    pub keyring: FleetKeyring,
 }
 
 pub struct Worker {
@@ -63,6 +69,7 @@ pub struct Worker {
     engine: Arc<dyn JobRunner>,
     limits: JobLimits,
     max_input_bytes: usize,
+    keyring: FleetKeyring,
     running: Mutex<HashMap<String, Running>>,
     report: Mutex<WorkerReport>,
     /// The device fault that stops this worker, once one happened; `stop` wakes the pull loop for it.
@@ -86,6 +93,7 @@ impl Worker {
             engine,
             limits: settings.limits,
             max_input_bytes: settings.max_input_bytes,
+            keyring: settings.keyring,
             running: Mutex::new(HashMap::new()),
             report: Mutex::new(WorkerReport::default()),
             device_lost: Mutex::new(None),
@@ -125,25 +133,18 @@ impl Worker {
                 break; // the permit of the job that found the fault came back together with the stop
             }
             while tasks.try_join_next().is_some() {}
-            let fetched = self.queue.consumer.fetch().max_messages(1).expires(Duration::from_secs(1)).messages().await;
-            let mut batch = match fetched {
-                Ok(batch) => batch,
-                Err(e) => {
-                    tracing::warn!(error = %e, "pull failed; retrying");
-                    tokio::time::sleep(Duration::from_secs(1)).await;
-                    continue;
-                }
-            };
-            match batch.next().await {
-                Some(Ok(message)) => {
-                    let worker = self.clone();
-                    tasks.spawn(async move {
-                        worker.handle(message).await;
-                        drop(permit);
-                    });
-                }
-                Some(Err(e)) => tracing::warn!(error = %e, "pull returned an error"),
-                None => {}
+            let mut pulled = self.pull().await;
+            let worker = self.clone();
+            if pulled.len() > 1 {
+                tasks.spawn(async move {
+                    worker.handle_several(pulled).await;
+                    drop(permit);
+                });
+            } else if let Some(message) = pulled.pop() {
+                tasks.spawn(async move {
+                    worker.handle(message).await;
+                    drop(permit);
+                });
             }
         }
         // 2. drain: finish within the timeout, then hand back what is still running
@@ -204,6 +205,10 @@ impl Worker {
 
     async fn handle(self: Arc<Self>, message: jetstream::Message) {
         let outcome = self.process(&message).await;
+        self.record(outcome);
+    }
+
+    fn record(&self, outcome: Outcome) {
         let mut report = self.report.lock().unwrap_or_else(|e| e.into_inner());
         match outcome {
             Outcome::Completed => report.completed += 1,
@@ -223,30 +228,58 @@ impl Worker {
         };
         let span =
             tracing::info_span!("job", id = %spec.id, kind = spec.kind.as_str(), model = %spec.model, deliveries);
-        self.process_valid(message, spec, deliveries).instrument(span).await
+        let private = spec.private;
+        let outcome = self.process_valid(message, spec, deliveries).instrument(span).await;
+        if private {
+            wipe_payload(message);
+        }
+        outcome
     }
 
-    async fn process_valid(&self, message: &jetstream::Message, spec: JobSpec, deliveries: i64) -> Outcome {
+    async fn process_valid(&self, message: &jetstream::Message, mut spec: JobSpec, deliveries: i64) -> Outcome {
         // 2. answered before (a redelivery after the result was published) or cancelled while queued?
+        if let Some(outcome) = self.settled_before_running(message, &spec).await {
+            return outcome;
+        }
+        // 3. inputs, then the run itself
+        let run = match self.fetch_inputs(&mut spec).await {
+            Ok(inputs) => self
+                .run_with_heartbeats(message, &spec, inputs)
+                .await
+                .and_then(|output| seal_output(&spec, output).map_err(Stop::Failed)),
+            Err(e) => Err(Stop::Failed(e)),
+        };
+        self.conclude(message, &spec, run, deliveries).await
+    }
+
+    /// Answers a job that needs no run: one answered before (a redelivery after its result was published) or one
+    /// cancelled while queued.
+    async fn settled_before_running(&self, message: &jetstream::Message, spec: &JobSpec) -> Option<Outcome> {
         if let Some(existing) = self.queue.existing_result(&spec.id).await {
             if let Some(reply) = &spec.reply {
                 let _ = self.queue.forward_result(existing, reply).await;
             }
             ack(message, AckKind::Ack).await;
-            return Outcome::Answered;
+            return Some(Outcome::Answered);
         }
         if self.queue.is_cancelled(&spec.id).await {
             let result =
                 JobResult::failed(&spec.id, JobStatus::Cancelled, ErrorCode::Cancelled, "cancelled before it started");
-            return self.finish_without_output(message, &spec, result, AckKind::Ack, Outcome::Cancelled).await;
+            return Some(self.finish_without_output(message, spec, result, AckKind::Ack, Outcome::Cancelled).await);
         }
-        // 3. inputs, then the run itself
-        let run = match self.fetch_inputs(&spec).await {
-            Ok(inputs) => self.run_with_heartbeats(message, &spec, inputs).await,
-            Err(e) => Err(Stop::Failed(e)),
-        };
+        None
+    }
+
+    /// Answers, hands back or retries a job after its run.
+    async fn conclude(
+        &self,
+        message: &jetstream::Message,
+        spec: &JobSpec,
+        run: Result<JobOutput, Stop>,
+        deliveries: i64,
+    ) -> Outcome {
         match run {
-            Ok(output) => self.complete(message, &spec, output).await,
+            Ok(output) => self.complete(message, spec, output).await,
             Err(Stop::HandedBack) => {
                 ack(message, AckKind::Nak(None)).await;
                 Outcome::HandedBack
@@ -256,13 +289,20 @@ impl Worker {
                 self.stop_for_lost_device(self.engine.device_lost().unwrap_or_default());
                 Outcome::HandedBack
             }
-            Err(Stop::Failed(e)) => self.fail(message, &spec, e, deliveries).await,
+            Err(Stop::Failed(e)) => self.fail(message, spec, e, deliveries).await,
         }
     }
 
-    async fn fetch_inputs(&self, spec: &JobSpec) -> Result<JobInputs, JobError> {
+    /// The job's inputs in secret buffers; a sealed job's content is opened here (its prompts go into `spec`).
+    async fn fetch_inputs(&self, spec: &mut JobSpec) -> Result<JobInputs, JobError> {
+        if spec.sealed.is_some() {
+            return self.queue.open_sealed_inputs(&self.keyring, spec, &self.limits, self.max_input_bytes).await;
+        }
         let Some(edit) = &spec.edit else { return Ok(JobInputs::default()) };
-        let image = Some(self.queue.fetch_image(&edit.image, self.max_input_bytes).await?);
+        let Some(image) = &edit.image else {
+            return Err(JobError::new(ErrorCode::ImageRequired, "edit jobs need an image"));
+        };
+        let image = Some(self.queue.fetch_image(image, self.max_input_bytes).await?);
         let mask = match &edit.mask {
             Some(m) => Some(self.queue.fetch_image(m, self.max_input_bytes).await?),
             None => None,
@@ -285,31 +325,14 @@ impl Worker {
         let (job, run_control) = (spec.clone(), control.clone());
         let mut work = tokio::task::spawn_blocking(move || {
             engine.run(&job, &inputs, &run_control, &mut |p| {
-                let _ = steps_tx.send(p);
+                let _ = steps_tx.send((0, p));
             })
         });
-        self.queue.publish_progress(&event(&spec.id, "started", None, None)).await;
-        let mut heartbeat = tokio::time::interval(self.queue.config.ack_wait / 3);
-        heartbeat.tick().await;
-        let mut last_step = std::time::Instant::now();
-        let result = loop {
-            tokio::select! {
-                done = &mut work => break done,
-                Some(step) = steps_rx.recv() => {
-                    self.metrics.step(last_step.elapsed());
-                    last_step = std::time::Instant::now();
-                    self.queue.publish_progress(&event(&spec.id, "step", Some(step.step as u32), Some(step.total as u32))).await;
-                }
-                _ = heartbeat.tick() => ack(message, AckKind::Progress).await,
-            }
-        };
+        let result = self.heartbeat_until(&[message], &[&spec.id], &mut work, &mut steps_rx).await;
         self.track_running(&spec.id, None);
         let result =
             result.unwrap_or_else(|e| Err(JobError::new(ErrorCode::Internal, format!("the job's thread failed: {e}"))));
-        match result {
-            Err(e) if e.code == ErrorCode::Cancelled && handback.load(Ordering::SeqCst) => Err(Stop::HandedBack),
-            other => other.map_err(Stop::Failed),
-        }
+        stop_reason(result, &handback)
     }
 
     /// Adds (`Some`) or removes (`None`) a running job.
@@ -351,6 +374,7 @@ impl Worker {
             timings: Some(timings),
             error: None,
             worker: Some(self.queue.config.worker_name.clone()),
+            sealed: spec.sealed.is_some(),
         };
         let inline_size: usize = result
             .images
@@ -360,8 +384,11 @@ impl Worker {
                 crate::job::ImageRef::Object(_) => 0,
             })
             .sum();
-        if inline_size > self.queue.config.inline_limit {
-            match self.queue.store_images(&spec.id, spec.user.as_deref(), &output.images, output.format).await {
+        // An unsealed private job's images travel inline to `reply` only: never into the object store.
+        let unsealed_private = spec.private && spec.sealed.is_none();
+        if inline_size > self.queue.config.inline_limit && !unsealed_private {
+            let (user, sealed) = (spec.user.as_deref(), result.sealed);
+            match self.queue.store_images(&spec.id, user, &output.images, output.format, sealed).await {
                 Ok(refs) => result.images = refs,
                 Err(e) => {
                     tracing::warn!(error = %e, "storing large result failed; will retry");
@@ -370,7 +397,13 @@ impl Worker {
                 }
             }
         }
-        match self.queue.publish_result(&result, spec.reply.as_deref(), spec.user.as_deref()).await {
+        let (reply, user) = (spec.reply.as_deref(), spec.user.as_deref());
+        let published = if unsealed_private {
+            self.queue.publish_private_result(&result, reply, user).await
+        } else {
+            self.queue.publish_result(&result, reply, user).await
+        };
+        match published {
             Ok(true) => {}
             Ok(false) => return answered_elsewhere(),
             Err(e) => {
@@ -411,9 +444,8 @@ impl Worker {
         }
         let (code, text) = if e.code.is_transient() {
             let reason = format!("gave up after {deliveries} deliveries: {}", e.message);
-            self.queue
-                .dead_letter(spec.kind.as_str(), &spec.id, message.payload.clone(), e.code, &reason, deliveries)
-                .await;
+            let payload = dead_letter_payload(&message.payload, spec.private);
+            self.queue.dead_letter(spec.kind.as_str(), &spec.id, payload, e.code, &reason, deliveries).await;
             (ErrorCode::MaxDeliveriesExceeded, reason)
         } else {
             (e.code, e.message)
@@ -516,11 +548,12 @@ impl Worker {
                 "delivered {} times without an answer (a worker died on it each time)",
                 self.queue.config.max_deliver
             );
+            let private = parsed.as_ref().is_none_or(|j| j.private);
             self.queue
                 .dead_letter(
                     kind,
                     &id,
-                    raw.payload.clone(),
+                    dead_letter_payload(&raw.payload, private),
                     ErrorCode::MaxDeliveriesExceeded,
                     &reason,
                     self.queue.config.max_deliver,
@@ -556,8 +589,37 @@ enum Stop {
     HandedBack,
 }
 
+/// A run's result, a cancellation the worker asked for (`handback`) being a hand-back rather than a failure.
+fn stop_reason(result: Result<JobOutput, JobError>, handback: &AtomicBool) -> Result<JobOutput, Stop> {
+    match result {
+        Err(e) if e.code == ErrorCode::Cancelled && handback.load(Ordering::SeqCst) => Err(Stop::HandedBack),
+        other => other.map_err(Stop::Failed),
+    }
+}
+
 fn event(id: &str, state: &str, step: Option<u32>, total: Option<u32>) -> ProgressEvent {
     ProgressEvent { id: id.to_string(), state: state.to_string(), step, total }
+}
+
+/// What a dead letter keeps of the job: all of it, for a re-drive, except for a private job (or one that cannot be
+/// read), whose content must not be stored: its dead letter carries only the headers (id, code, reason).
+fn dead_letter_payload(payload: &bytes::Bytes, private: bool) -> bytes::Bytes {
+    if private {
+        bytes::Bytes::new()
+    } else {
+        payload.clone()
+    }
+}
+
+/// Zeroes a private job's message in the NATS client's read buffer. async-nats hands the payload out as a `Bytes`
+/// view of that buffer and later reuses the buffer without clearing it, so the job's JSON (prompt, inline images)
+/// would stay readable in the worker's memory; the zero-on-free allocator never sees it freed. Once the job is
+/// answered and acknowledged nothing reads those bytes again: the worker holds the only view of them.
+fn wipe_payload(message: &jetstream::Message) {
+    let payload = &message.payload;
+    // SAFETY: the bytes are valid for `len` bytes, no other code reads them any more (see above), and
+    // explicit_bzero is an opaque call, so no load of them can be cached across it.
+    unsafe { crate::private::wipe_bytes(payload.as_ptr().cast_mut(), payload.len()) };
 }
 
 /// Acks with confirmation from the server (a plain ack can be lost when the process exits right after).
