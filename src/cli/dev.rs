@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::{Args, Subcommand};
-use imago::diffusion::tiny::{write_tiny_model, TinyFamily, TinyOptions};
+use imago::diffusion::tiny::{write_model, ModelScale, TinyFamily, TinyOptions};
 
 #[derive(Debug, Subcommand)]
 pub enum DevCommand {
@@ -23,6 +23,10 @@ pub struct TinyModelArgs {
     /// Also write `*.fp16.safetensors` weight variants.
     #[arg(long)]
     pub fp16: bool,
+    /// The family's published architecture instead of a miniature (gigabytes of random weights, for measuring
+    /// speed and memory without the real weights).
+    #[arg(long)]
+    pub full_size: bool,
     /// Output folder (created).
     pub out: PathBuf,
 }
@@ -32,8 +36,10 @@ pub fn run(cmd: DevCommand) -> anyhow::Result<()> {
         DevCommand::TinyModel(args) => {
             let family: TinyFamily = args.family.parse()?;
             let options = TinyOptions { family, seed: args.seed, fp16_variant: args.fp16 };
-            write_tiny_model(&args.out, options).with_context(|| format!("writing {}", args.out.display()))?;
-            println!("wrote tiny {family} model to {}", args.out.display());
+            let (scale, size) =
+                if args.full_size { (ModelScale::FullSize, "full-size") } else { (ModelScale::Miniature, "tiny") };
+            write_model(&args.out, options, scale).with_context(|| format!("writing {}", args.out.display()))?;
+            println!("wrote {size} {family} model to {}", args.out.display());
             Ok(())
         }
     }

@@ -1,10 +1,12 @@
 //! Subcommands. Each lives in its own file; this one parses and dispatches.
 
+mod bench;
 mod connect;
 mod dev;
 mod device;
 mod edit;
 mod generate;
+mod keygen;
 mod models;
 mod schema;
 mod submit;
@@ -35,10 +37,14 @@ pub enum Command {
     Submit(submit::SubmitArgs),
     /// Cancel a queued or running job.
     Cancel(submit::CancelArgs),
+    /// Make a fleet key pair for sealed (Private Mode) jobs.
+    Keygen(keygen::KeygenArgs),
     /// Print or write the JSON Schemas of the job protocol.
     Schema(schema::SchemaArgs),
     /// List installed models and where weights are looked for.
     Models(models::ModelsArgs),
+    /// Measure a workload: it/s, images/s, stage times, job latency, peak memory, TFLOP/s.
+    Bench(bench::BenchArgs),
     /// Developer tools.
     #[command(subcommand)]
     Dev(dev::DevCommand),
@@ -52,7 +58,9 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Worker(args) => worker::run(args),
         Command::Submit(args) => submit::run(args),
         Command::Cancel(args) => submit::run_cancel(args),
+        Command::Keygen(args) => keygen::run(args),
         Command::Schema(args) => schema::run(args),
+        Command::Bench(args) => bench::run(args),
         Command::Dev(cmd) => dev::run(cmd),
     }
 }

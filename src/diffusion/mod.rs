@@ -8,6 +8,7 @@ pub mod schedulers;
 pub use error::{Error, Result};
 pub mod clip;
 pub mod config;
+mod conv;
 mod layers;
 pub mod model;
 pub mod pipeline;
@@ -16,8 +17,10 @@ pub mod unet;
 pub mod vae;
 mod weights;
 
+pub mod batch;
 pub mod default_model;
 pub mod edit;
+pub(crate) mod full_size;
 pub mod hub;
 pub mod image_io;
 pub mod input;

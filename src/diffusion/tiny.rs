@@ -5,6 +5,9 @@
 //! Weights are produced by building our own model structs against a recording [`SimpleBackend`], so the tensor tree
 //! written is exactly the tree the loader reads; the parity script then loads the same folder with diffusers, which
 //! proves it is also diffusers' tree. Each tensor's values depend only on the seed and the tensor's name.
+//!
+//! [`write_model`] with [`ModelScale::FullSize`] writes a family's published architecture the same way (gigabytes),
+//! for measuring speed and memory where real weights cannot be downloaded.
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
@@ -20,6 +23,7 @@ use serde_json::{json, Value};
 
 use super::clip::ClipTextModel;
 use super::config::{ClipActivation, ClipTextConfig, PerBlock, UNetConfig, VaeConfig};
+use super::full_size;
 use super::model::ModelDefaults;
 use super::noise::NoiseSource;
 use super::tokenizer::ClipTokenizer;
@@ -94,7 +98,17 @@ impl FromStr for TinyFamily {
     }
 }
 
-/// Options of [`write_tiny_model`].
+/// How large a written model is.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum ModelScale {
+    /// A few MB (channel widths of 32 and 64): tests, examples and parity checks.
+    #[default]
+    Miniature,
+    /// The family's published architecture with random weights: SD 1.5 is 4.3 GB of f32, SDXL 14 GB.
+    FullSize,
+}
+
+/// Options of [`write_tiny_model`] and [`write_model`].
 #[derive(Debug, Clone, Copy)]
 pub struct TinyOptions {
     pub family: TinyFamily,
@@ -103,11 +117,12 @@ pub struct TinyOptions {
     pub fp16_variant: bool,
 }
 
-/// Records every tensor a model constructor asks for, creating it from the seed and its name.
+/// Records every tensor a model constructor asks for; [`RecordingBackend::save`] creates each from the seed and its
+/// name. Constructors only check shapes, so they get a zero-strided stand-in and nothing large is allocated twice.
 #[derive(Clone, Default)]
 struct RecordingBackend {
     seed: u64,
-    tensors: Arc<Mutex<BTreeMap<String, Tensor>>>,
+    tensors: Arc<Mutex<BTreeMap<String, (Shape, Init)>>>,
 }
 
 /// FNV-1a: a stable hash, so a tensor's values never change with the standard library's hasher.
@@ -151,12 +166,8 @@ impl RecordingBackend {
 impl SimpleBackend for RecordingBackend {
     fn get(&self, s: Shape, name: &str, h: Init, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
         let mut tensors = self.tensors.lock().map_err(|_| candle_core::Error::Msg("recorder poisoned".into()))?;
-        if let Some(t) = tensors.get(name) {
-            return t.to_dtype(dtype)?.to_device(dev);
-        }
-        let t = Tensor::from_vec(self.sample(&s, name, h), s, &Device::Cpu)?;
-        tensors.insert(name.to_string(), t.clone());
-        t.to_dtype(dtype)?.to_device(dev)
+        let (shape, _) = tensors.entry(name.to_string()).or_insert((s, h));
+        Tensor::zeros((), dtype, dev)?.broadcast_as(shape.clone())
     }
 
     fn get_unchecked(&self, name: &str, _: DType, _: &Device) -> candle_core::Result<Tensor> {
@@ -177,14 +188,43 @@ impl RecordingBackend {
         VarBuilder::from_backend(Box::new(self.clone()), DType::F32, Device::Cpu)
     }
 
-    fn save(&self, dir: &Path, stem: &str, fp16_variant: bool) -> Result<()> {
-        let tensors: HashMap<String, Tensor> = self
+    /// Creates every recorded tensor, spread over all cores (a full-size UNet is about a billion samples).
+    fn create_all(&self) -> Result<HashMap<String, Tensor>> {
+        let specs: Vec<(String, Shape, Init)> = self
             .tensors
             .lock()
             .map_err(|_| Error::InvalidRequest("recorder poisoned".into()))?
             .iter()
-            .map(|(k, v)| (k.clone(), v.clone()))
+            .map(|(name, (shape, init))| (name.clone(), shape.clone(), *init))
             .collect();
+        let next = std::sync::atomic::AtomicUsize::new(0);
+        let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).min(specs.len().max(1));
+        let worker = || -> Result<Vec<(String, Tensor)>> {
+            let mut made = Vec::new();
+            while let Some((name, shape, init)) = specs.get(next.fetch_add(1, std::sync::atomic::Ordering::Relaxed)) {
+                let values = self.sample(shape, name, *init);
+                made.push((name.clone(), Tensor::from_vec(values, shape.clone(), &Device::Cpu)?));
+            }
+            Ok(made)
+        };
+        let parts: Vec<Result<Vec<(String, Tensor)>>> = std::thread::scope(|scope| {
+            let handles: Vec<_> = (0..threads).map(|_| scope.spawn(worker)).collect();
+            handles
+                .into_iter()
+                .map(|h| {
+                    h.join().unwrap_or_else(|_| Err(Error::InvalidRequest("weight sampling thread failed".into())))
+                })
+                .collect()
+        });
+        let mut tensors = HashMap::with_capacity(specs.len());
+        for part in parts {
+            tensors.extend(part?);
+        }
+        Ok(tensors)
+    }
+
+    fn save(&self, dir: &Path, stem: &str, fp16_variant: bool) -> Result<()> {
+        let tensors = self.create_all()?;
         let path = dir.join(format!("{stem}.safetensors"));
         candle_core::safetensors::save(&tensors, &path).map_err(|e| Error::Weights { path, message: e.to_string() })?;
         if fp16_variant {
@@ -233,6 +273,15 @@ fn clip_config(family: TinyFamily, with_projection: bool) -> ClipTextConfig {
         architectures: vec![if with_projection { "CLIPTextModelWithProjection" } else { "CLIPTextModel" }.to_string()],
         eos_token_id: 49407,
     }
+}
+
+/// The text encoders of a miniature, in folder order (SDXL's second one has the pooled projection).
+fn clip_configs(family: TinyFamily) -> Vec<ClipTextConfig> {
+    let mut configs = vec![clip_config(family, false)];
+    if family.is_xl() {
+        configs.push(clip_config(family, true));
+    }
+    configs
 }
 
 fn unet_config(family: TinyFamily) -> UNetConfig {
@@ -323,15 +372,24 @@ fn scheduler_config(family: TinyFamily) -> Value {
     merged
 }
 
-fn defaults(family: TinyFamily) -> ModelDefaults {
+fn defaults(family: TinyFamily, scale: ModelScale) -> ModelDefaults {
     let turbo = matches!(family, TinyFamily::SdTurbo | TinyFamily::SdxlTurbo);
-    ModelDefaults {
-        steps: Some(if turbo { 1 } else { 4 }),
-        guidance: Some(if turbo { 0.0 } else { 7.5 }),
-        width: Some(64),
-        height: Some(64),
-        scheduler: None,
-        family: Some(format!("tiny-{family}")),
+    match scale {
+        ModelScale::Miniature => ModelDefaults {
+            steps: Some(if turbo { 1 } else { 4 }),
+            guidance: Some(if turbo { 0.0 } else { 7.5 }),
+            width: Some(64),
+            height: Some(64),
+            scheduler: None,
+            family: Some(format!("tiny-{family}")),
+        },
+        // The native size follows from the UNet's sample size, as for the published folders.
+        ModelScale::FullSize => ModelDefaults {
+            steps: Some(if turbo { 1 } else { 30 }),
+            guidance: Some(if turbo { 0.0 } else { 7.5 }),
+            family: Some(format!("random-{family}")),
+            ..ModelDefaults::default()
+        },
     }
 }
 
@@ -370,7 +428,13 @@ fn write_text_encoder(dir: &Path, config: ClipTextConfig, options: &TinyOptions,
 
 /// Writes a complete miniature diffusers folder for `options.family` into `out`.
 pub fn write_tiny_model(out: &Path, options: TinyOptions) -> Result<()> {
+    write_model(out, options, ModelScale::Miniature)
+}
+
+/// Writes a complete diffusers folder for `options.family` at `scale` into `out`.
+pub fn write_model(out: &Path, options: TinyOptions, scale: ModelScale) -> Result<()> {
     let family = options.family;
+    let full_size = scale == ModelScale::FullSize;
     // 1. model_index.json
     let mut index = json!({
         "_diffusers_version": "0.42.1",
@@ -399,19 +463,25 @@ pub fn write_tiny_model(out: &Path, options: TinyOptions) -> Result<()> {
     }
     write_json(&out.join("model_index.json"), &index)?;
     write_json(&out.join("scheduler/scheduler_config.json"), &scheduler_config(family))?;
-    write_json(&out.join("imago.json"), &serde_json::to_value(defaults(family)).map_err(|e| Error::config(out, e))?)?;
+    write_json(
+        &out.join("imago.json"),
+        &serde_json::to_value(defaults(family, scale)).map_err(|e| Error::config(out, e))?,
+    )?;
 
     // 2. tokenizers and text encoders
     let first_pad = if family.is_open_clip() && !family.is_xl() { "!" } else { "<|endoftext|>" };
     write_tokenizer(&out.join("tokenizer"), first_pad)?;
-    write_text_encoder(&out.join("text_encoder"), clip_config(family, false), &options, 1)?;
-    if family.is_xl() {
-        write_tokenizer(&out.join("tokenizer_2"), "!")?;
-        write_text_encoder(&out.join("text_encoder_2"), clip_config(family, true), &options, 2)?;
+    let encoders = if full_size { full_size::text_encoder_configs(family) } else { clip_configs(family) };
+    for (config, number) in encoders.into_iter().zip(1u64..) {
+        let suffix = if number == 1 { String::new() } else { format!("_{number}") };
+        if number > 1 {
+            write_tokenizer(&out.join(format!("tokenizer{suffix}")), "!")?;
+        }
+        write_text_encoder(&out.join(format!("text_encoder{suffix}")), config, &options, number)?;
     }
 
     // 3. UNet and VAE
-    let unet_config = unet_config(family);
+    let unet_config = if full_size { full_size::unet_config(family) } else { unet_config(family) };
     let unet_dir = out.join("unet");
     let path = unet_dir.join("config.json");
     write_json(
@@ -422,7 +492,7 @@ pub fn write_tiny_model(out: &Path, options: TinyOptions) -> Result<()> {
     UNet::new(recorder.var_builder(), unet_config, &path)?;
     recorder.save(&unet_dir, "diffusion_pytorch_model", options.fp16_variant)?;
 
-    let vae_config = vae_config(family);
+    let vae_config = if full_size { full_size::vae_config(family) } else { vae_config(family) };
     let vae_dir = out.join("vae");
     let path = vae_dir.join("config.json");
     write_json(

@@ -10,10 +10,11 @@ mod transformer;
 use std::path::Path;
 
 use candle_core::{DType, Module, Tensor};
-use candle_nn::{conv2d, group_norm, Conv2d, Conv2dConfig, GroupNorm, VarBuilder};
+use candle_nn::{group_norm, Conv2dConfig, GroupNorm, VarBuilder};
 
 use self::blocks::{BlockAttention, BlockContext, BlockShape, DownBlock, MidBlock, UpBlock};
 use super::config::{BlockKind, UNetConfig};
+use super::conv::{conv2d, Conv2d};
 use super::layers::{timestep_embedding, TimestepEmbedding};
 use super::Result;
 

@@ -1,0 +1,227 @@
+//! 2-D convolution: candle's on GPUs and while training; matrix products of our own for inference on the CPU.
+//!
+//! candle 0.11's CPU `conv2d` rearranges the whole kernel and the input on every call, then builds im2col tiles
+//! element by element before its matrix products: at a UNet's deep layers (1280 channels at 8×8 pixels, a 59 MB
+//! kernel for a 64-pixel output) the rearranging costs several times the arithmetic, and at a VAE's large layers the
+//! tile building costs more than half of it. For stride-1 inference on the CPU this module instead keeps the kernel
+//! laid out once, taps outermost — (out channels, k·k, in channels) — and computes
+//!
+//! - 1×1 convolutions as one product of the kernel with the input's pixels;
+//! - small outputs (no more pixels than out channels) as one product with the input's k·k shifted copies stacked;
+//! - larger outputs as k·k products, one per kernel tap, each reading the zero-padded input at the tap's offset in
+//!   place (the rows computed are padded-width long; the extra columns are dropped), summed.
+//!
+//! Each image of a batch gets products of the shapes it would get alone. Results differ from candle's only by the
+//! order of f32 additions.
+
+use candle_core::{Module, Tensor};
+use candle_nn::{Conv2dConfig, VarBuilder};
+
+/// A `Conv2d` with the same weights and names as `candle_nn::Conv2d`.
+#[derive(Debug, Clone)]
+pub struct Conv2d {
+    /// candle's convolution, for GPUs, training and strided or dilated convolutions. On the CPU its kernel is a
+    /// view of `taps_first`, so the weights are held once.
+    inner: candle_nn::Conv2d,
+    /// CPU inference only: the kernel as (out channels, k·k, in channels), contiguous.
+    taps_first: Option<Tensor>,
+    kernel_size: usize,
+}
+
+/// A convolution with bias, read from `weight` and `bias` under `vb` (as `candle_nn::conv2d`).
+pub fn conv2d(
+    in_channels: usize,
+    out_channels: usize,
+    kernel_size: usize,
+    config: Conv2dConfig,
+    vb: VarBuilder,
+) -> candle_core::Result<Conv2d> {
+    let inner = candle_nn::conv2d(in_channels, out_channels, kernel_size, config, vb)?;
+    Conv2d::from_candle(inner, kernel_size)
+}
+
+/// Which of this module's computations a call takes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Method {
+    Candle,
+    Pointwise,
+    StackedTaps,
+    TapProducts,
+}
+
+impl Conv2d {
+    fn from_candle(inner: candle_nn::Conv2d, kernel_size: usize) -> candle_core::Result<Self> {
+        let weight = inner.weight();
+        if !weight.device().is_cpu() || weight.track_op() {
+            return Ok(Self { inner, taps_first: None, kernel_size });
+        }
+        let (out_channels, in_channels, k, _) = weight.dims4()?;
+        let taps_first = weight.permute((0, 2, 3, 1))?.contiguous()?.reshape((out_channels, k * k, in_channels))?;
+        let viewed = taps_first.reshape((out_channels, k, k, in_channels))?.permute((0, 3, 1, 2))?;
+        let inner = candle_nn::Conv2d::new(viewed, inner.bias().cloned(), *inner.config());
+        Ok(Self { inner, taps_first: Some(taps_first), kernel_size })
+    }
+
+    fn method(&self, xs: &Tensor) -> candle_core::Result<Method> {
+        let config = self.inner.config();
+        let Some(taps_first) = &self.taps_first else { return Ok(Method::Candle) };
+        let plain = config.groups == 1 && config.dilation == 1 && config.stride == 1;
+        let (_, _, height, width) = xs.dims4()?;
+        let (k, pad) = (self.kernel_size, config.padding);
+        if !plain || xs.track_op() || !xs.device().is_cpu() || height + 2 * pad < k || width + 2 * pad < k {
+            return Ok(Method::Candle);
+        }
+        let pixels = (height + 2 * pad + 1 - k) * (width + 2 * pad + 1 - k);
+        Ok(if k == 1 && pad == 0 {
+            Method::Pointwise
+        } else if pixels <= taps_first.dim(0)? {
+            Method::StackedTaps
+        } else {
+            Method::TapProducts
+        })
+    }
+
+    /// One product per image of `kernel` (out, n) with `input` (batch, n, pixels) → (batch, out, pixels).
+    fn product(kernel: &Tensor, input: &Tensor) -> candle_core::Result<Tensor> {
+        kernel.broadcast_left(input.dim(0)?)?.matmul(input)
+    }
+
+    fn forward_cpu(&self, xs: &Tensor, taps_first: &Tensor, method: Method) -> candle_core::Result<Tensor> {
+        let (batch, in_channels, height, width) = xs.dims4()?;
+        let (out_channels, taps, _) = taps_first.dims3()?;
+        let (k, pad) = (self.kernel_size, self.inner.config().padding);
+        let (out_h, out_w) = (height + 2 * pad + 1 - k, width + 2 * pad + 1 - k);
+        let out = match method {
+            Method::Pointwise => {
+                let pixels = xs.reshape((batch, in_channels, out_h * out_w))?;
+                Self::product(&taps_first.reshape((out_channels, in_channels))?, &pixels)?.reshape((
+                    batch,
+                    out_channels,
+                    out_h,
+                    out_w,
+                ))?
+            }
+            Method::StackedTaps => {
+                let padded = xs.pad_with_zeros(2, pad, pad)?.pad_with_zeros(3, pad, pad)?;
+                let shifted = (0..taps)
+                    .map(|t| padded.narrow(2, t / k, out_h)?.narrow(3, t % k, out_w))
+                    .collect::<candle_core::Result<Vec<_>>>()?;
+                // (batch, k·k, in channels, out_h, out_w): the kernel's (tap, in channel) order
+                let stacked = Tensor::stack(&shifted, 1)?.reshape((batch, taps * in_channels, out_h * out_w))?;
+                Self::product(&taps_first.reshape((out_channels, taps * in_channels))?, &stacked)?.reshape((
+                    batch,
+                    out_channels,
+                    out_h,
+                    out_w,
+                ))?
+            }
+            Method::TapProducts => {
+                // Rows of the padded width: output (y, x) sits at y·padded_w + x and tap (dy, dx) reads the padded
+                // input at that index + dy·padded_w + dx. One extra zero row keeps the last row's reads in bounds.
+                let padded_w = width + 2 * pad;
+                let padded = xs.pad_with_zeros(2, pad, pad + 1)?.pad_with_zeros(3, pad, pad)?;
+                let flat = padded.reshape((batch, in_channels, ()))?;
+                let mut sum: Option<Tensor> = None;
+                for t in 0..taps {
+                    let input = flat.narrow(2, (t / k) * padded_w + t % k, out_h * padded_w)?;
+                    let part = Self::product(&taps_first.narrow(1, t, 1)?.squeeze(1)?, &input)?;
+                    sum = Some(match sum {
+                        Some(sum) => (sum + part)?,
+                        None => part,
+                    });
+                }
+                let sum = sum.ok_or_else(|| candle_core::Error::Msg("convolution kernel without taps".into()))?;
+                sum.reshape((batch, out_channels, out_h, padded_w))?.narrow(3, 0, out_w)?.contiguous()?
+            }
+            Method::Candle => return self.inner.forward(xs),
+        };
+        match self.inner.bias() {
+            Some(bias) => out.broadcast_add(&bias.reshape((1, out_channels, 1, 1))?),
+            None => Ok(out),
+        }
+    }
+}
+
+impl Module for Conv2d {
+    fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
+        match (&self.taps_first, self.method(xs)?) {
+            (Some(taps_first), method) if method != Method::Candle => self.forward_cpu(xs, taps_first, method),
+            _ => self.inner.forward(xs),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use candle_core::{DType, Device};
+
+    use super::*;
+
+    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+        (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap()
+    }
+
+    /// A layer with random, untracked weights (a VarMap's variables are tracked, which keeps candle's kernel).
+    fn layer(cin: usize, cout: usize, k: usize, config: Conv2dConfig) -> Conv2d {
+        let weight = Tensor::randn(0f32, 0.3, (cout, cin, k, k), &Device::Cpu).unwrap();
+        let bias = Tensor::randn(0f32, 0.3, cout, &Device::Cpu).unwrap();
+        Conv2d::from_candle(candle_nn::Conv2d::new(weight, Some(bias), config), k).unwrap()
+    }
+
+    fn padded(padding: usize) -> Conv2dConfig {
+        Conv2dConfig { padding, ..Default::default() }
+    }
+
+    #[test]
+    fn every_method_equals_candles_convolution_with_the_original_kernel() {
+        let cases = [
+            (1, padded(0), 5, 8, Method::Pointwise),
+            (3, padded(1), 4, 64, Method::StackedTaps),
+            (3, padded(0), 4, 64, Method::StackedTaps),
+            (3, padded(1), 9, 16, Method::TapProducts),
+            (3, padded(0), 7, 8, Method::TapProducts),
+            (5, padded(2), 6, 8, Method::TapProducts),
+        ];
+        for (k, config, size, cout, method) in cases {
+            let conv = layer(6, cout, k, config);
+            let xs = Tensor::randn(0f32, 1.0, (2, 6, size, size), &Device::Cpu).unwrap();
+            assert_eq!(conv.method(&xs).unwrap(), method, "k {k} size {size}");
+            // candle's own kernel, on the kernel as loaded (not the rearranged view)
+            let original = conv.inner.weight().contiguous().unwrap();
+            let reference = candle_nn::Conv2d::new(original, conv.inner.bias().cloned(), config);
+            let expected = reference.forward(&xs).unwrap();
+            let got = conv.forward(&xs).unwrap();
+            assert_eq!(got.dims(), expected.dims(), "{method:?}");
+            assert!(max_diff(&got, &expected) < 1e-4, "{method:?} k {k}: {}", max_diff(&got, &expected));
+        }
+    }
+
+    #[test]
+    fn each_image_of_a_batch_gets_what_it_gets_alone() {
+        for (size, cout) in [(4, 64), (9, 16), (5, 8)] {
+            let conv = layer(6, cout, 3, padded(1));
+            let xs = Tensor::randn(0f32, 1.0, (3, 6, size, size), &Device::Cpu).unwrap();
+            let batched = conv.forward(&xs).unwrap();
+            for i in 0..3 {
+                let alone = conv.forward(&xs.narrow(0, i, 1).unwrap()).unwrap();
+                assert_eq!(max_diff(&batched.narrow(0, i, 1).unwrap(), &alone), 0.0, "image {i}, size {size}");
+            }
+        }
+    }
+
+    #[test]
+    fn strides_and_tracked_weights_keep_candles_kernel() {
+        let strided = layer(6, 64, 3, Conv2dConfig { padding: 1, stride: 2, ..Default::default() });
+        let xs = Tensor::randn(0f32, 1.0, (1, 6, 8, 8), &Device::Cpu).unwrap();
+        assert_eq!(strided.method(&xs).unwrap(), Method::Candle);
+        let original = strided.inner.weight().contiguous().unwrap();
+        let reference = candle_nn::Conv2d::new(original, strided.inner.bias().cloned(), *strided.inner.config());
+        assert!(max_diff(&strided.forward(&xs).unwrap(), &reference.forward(&xs).unwrap()) < 1e-5);
+
+        let varmap = candle_nn::VarMap::new();
+        let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
+        let training = conv2d(6, 64, 3, padded(1), vb).unwrap();
+        assert!(training.taps_first.is_none());
+        assert_eq!(training.method(&xs).unwrap(), Method::Candle);
+    }
+}
