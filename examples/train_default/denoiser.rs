@@ -147,7 +147,7 @@ fn group_losses(unet: &UNet, batch: &NoisedBatch, text: &Conditioning, alphas: &
 pub fn train_denoiser(settings: DenoiserSettings, autoencoder: &TrainedAutoencoder) -> Result<TrainedDenoiser> {
     let started = Instant::now();
     let mut bar = Progress::new("unet", settings.steps);
-    if settings.group == 0 || settings.batch % settings.group != 0 {
+    if settings.group == 0 || !settings.batch.is_multiple_of(settings.group) {
         anyhow::bail!("--batch {} is not a multiple of --group {}", settings.batch, settings.group);
     }
     let text_weights = trainable_text_weights(settings.seed)?;

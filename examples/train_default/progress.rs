@@ -41,7 +41,7 @@ impl Progress {
         self.bar.inc(1);
         let every = (self.total / LOG_LINES).max(1);
         if self.bar.is_hidden() {
-            if self.done % every == 0 || self.done == self.total {
+            if self.done.is_multiple_of(every) || self.done == self.total {
                 let seconds = self.started.elapsed().as_secs_f64();
                 let left = seconds / self.done as f64 * (self.total - self.done) as f64;
                 eprintln!(
@@ -55,7 +55,7 @@ impl Progress {
                     left
                 );
             }
-        } else if self.done % 5 == 0 || self.done == self.total {
+        } else if self.done.is_multiple_of(5) || self.done == self.total {
             self.bar.set_message(message());
         }
     }
