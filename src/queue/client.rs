@@ -13,6 +13,9 @@ use crate::job::{ImageRef, JobMessage, JobResult, ProgressEvent};
 use crate::private::seal::{self, JobContent, PublicKey, SecretKey};
 use crate::private::SecretBytes;
 
+/// How often a waiting client looks for a stored result it may have missed.
+const STORED_RESULT_RECHECK: Duration = Duration::from_secs(5);
+
 impl Queue {
     /// Publishes `job` (its id as `Nats-Msg-Id`, so a resubmit is deduplicated) and waits for its result,
     /// calling `on_progress` for each progress event. A job answered before (a duplicate submit) returns the
@@ -51,9 +54,19 @@ impl Queue {
         }
         let deadline = tokio::time::sleep(timeout);
         tokio::pin!(deadline);
+        // A result published while this client was reconnecting never reaches the subscription, but it is stored
+        // (except an unsealed private job's images, which are only ever sent): look it up now and then.
+        let stored_answer = !(job.private && job.sealed.is_none());
+        let mut recheck = tokio::time::interval(STORED_RESULT_RECHECK);
+        recheck.tick().await;
         loop {
             tokio::select! {
                 Some(message) = results.next() => return parse_result(&message.payload),
+                _ = recheck.tick(), if stored_answer => {
+                    if let Some(stored) = self.existing_result(&job.id).await {
+                        return parse_result(&stored);
+                    }
+                }
                 Some(message) = progress.next() => {
                     if let Ok(event) = serde_json::from_slice::<ProgressEvent>(&message.payload) {
                         on_progress(&event);
