@@ -16,6 +16,7 @@ pub mod tokenizer;
 pub mod unet;
 pub mod vae;
 mod weights;
+mod winograd;
 
 pub mod batch;
 pub mod default_model;
