@@ -34,14 +34,14 @@ fn noise(shape: (usize, usize, usize, usize), seed: u64) -> Tensor {
 
 fn model_paths(c: &mut Criterion) {
     let (_dir, model) = tiny_sd15();
-    // A guided step of a 256×256 image: conditional and unconditional rows together.
+    // A guided step of a 128×128 image: conditional and unconditional rows together.
     let context = model.encode_prompt(PROMPT, 2, false).expect("prompt").context;
-    let latents = noise((2, 4, 32, 32), 1);
-    c.bench_function("unet step: tiny sd15, 2x4x32x32 latents", |b| {
+    let latents = noise((2, 4, 16, 16), 1);
+    c.bench_function("unet step: tiny sd15, 2x4x16x16 latents", |b| {
         b.iter(|| model.unet.forward(black_box(&latents), 500.0, &context, None).expect("unet"))
     });
-    let latents = noise((1, 4, 32, 32), 2);
-    c.bench_function("vae decode: tiny sd15, 1x4x32x32 latents to 256x256", |b| {
+    let latents = noise((1, 4, 16, 16), 2);
+    c.bench_function("vae decode: tiny sd15, 1x4x16x16 latents to 128x128", |b| {
         b.iter(|| model.vae.decode(black_box(&latents)).expect("decode"))
     });
 }

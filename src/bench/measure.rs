@@ -7,7 +7,7 @@ use crate::diffusion::hub::HubOptions;
 use crate::diffusion::input::InputLimits;
 use crate::diffusion::model::DiffusionModel;
 use crate::diffusion::pipeline::{GenerateParams, GenerateRequest, MAX_BATCH, MAX_IMAGE_SIDE, MAX_STEPS};
-use crate::engine::{Engine, EngineConfig, JobControl, JobInputs, ModelDirectory};
+use crate::engine::{CacheLimits, Engine, EngineConfig, JobControl, JobInputs, ModelDirectory};
 use crate::job::{parse, validate, ErrorBody, JobError, JobLimits};
 
 use super::flops::{device_peak_tflops, unet_flops, UNetInput};
@@ -46,15 +46,21 @@ pub fn run(workload: &Workload, options: BenchOptions) -> Result<BenchReport, Be
     let prepare_seconds = if prepared.is_scratch() { preparing.elapsed().as_secs_f64() } else { 0.0 };
     tracing::info!(model = %workload.model, dir = %prepared.dir.display(), "benchmark model ready");
 
-    let engine = Engine::new(EngineConfig {
-        models: ModelDirectory {
-            models_dir: None,
-            default_model: Some(prepared.dir.clone()),
-            hub: HubOptions::from_env(),
+    // Without the prompt-embedding cache: every job pays for its text encoding, as a job with a new prompt does
+    // (the benchmark repeats one prompt).
+    let no_prompt_cache = CacheLimits { prompt_embedding_bytes: 0, ..CacheLimits::default() };
+    let engine = Engine::with_caches(
+        EngineConfig {
+            models: ModelDirectory {
+                models_dir: None,
+                default_model: Some(prepared.dir.clone()),
+                hub: HubOptions::from_env(),
+            },
+            load: workload.load.clone(),
+            input_limits: InputLimits::default(),
         },
-        load: workload.load.clone(),
-        input_limits: InputLimits::default(),
-    });
+        no_prompt_cache,
+    );
     let loading = Instant::now();
     let model = engine.model(MODEL_NAME).map_err(BenchError::Load)?;
     device.synchronize().map_err(crate::diffusion::Error::from)?;
