@@ -8,7 +8,7 @@
 //!
 //! - 1×1 convolutions as one product of the kernel with the input's pixels;
 //! - small outputs (no more pixels than out channels) as one product with the input's k·k shifted copies stacked;
-//! - larger outputs of f32 layers with 3×3 kernels and at least 64 in channels by Winograd's F(4×4, 3×3)
+//! - larger outputs (from 16×16) of f32 layers with 3×3 kernels and at least 8 in channels by Winograd's F(4×4, 3×3)
 //!   ([`super::winograd`]): 4× fewer multiply-adds than the direct convolution, the VAE decoder's main cost;
 //! - larger outputs of other layers with at least 64 in and out channels as k·k products, one per kernel tap, each
 //!   reading the zero-padded input at the tap's offset in place (the rows computed are padded-width long; the extra
@@ -46,10 +46,15 @@ pub fn conv2d(
     Conv2d::from_candle(inner, kernel_size)
 }
 
-/// Fewest channels for this module's paths on larger outputs (in and out channels for the per-tap products, in
-/// channels for Winograd): below, the products are too small to pay for the extra passes over the data (a
-/// miniature's 16-channel VAE runs faster in candle's kernel).
-const MIN_CHANNELS: usize = 64;
+/// Fewest in and out channels for the per-tap products: below, the k·k products and sums are too small to pay for
+/// themselves (a miniature's 16-channel VAE runs faster in candle's kernel).
+const MIN_CHANNELS_FOR_TAP_PRODUCTS: usize = 64;
+
+/// Fewest in channels and output pixels for Winograd. Its cost is mostly the transforms, linear in the data, so it
+/// pays off far earlier than the per-tap products (a miniature's 16-channel VAE included), but not on the few
+/// tiles of a small latent, where candle's kernel stays faster.
+const MIN_CHANNELS_FOR_WINOGRAD: usize = 8;
+const MIN_PIXELS_FOR_WINOGRAD: usize = 256;
 
 /// Which of this module's computations a call takes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -89,10 +94,14 @@ impl Conv2d {
             Method::Pointwise
         } else if pixels <= out_channels {
             Method::StackedTaps
-        } else if k == 3 && in_channels >= MIN_CHANNELS && winograd::supports(xs, taps_first) {
+        } else if k == 3
+            && in_channels >= MIN_CHANNELS_FOR_WINOGRAD
+            && pixels >= MIN_PIXELS_FOR_WINOGRAD
+            && winograd::supports(xs, taps_first)
+        {
             // Its cost is mostly the input's transform, so a few out channels (a VAE's RGB output) still pay off.
             Method::Winograd
-        } else if in_channels.min(out_channels) >= MIN_CHANNELS {
+        } else if in_channels.min(out_channels) >= MIN_CHANNELS_FOR_TAP_PRODUCTS {
             Method::TapProducts
         } else {
             Method::Candle
@@ -197,11 +206,13 @@ mod tests {
             (1, padded(0), 6, 5, 8, Method::Pointwise),
             (3, padded(1), 6, 4, 64, Method::StackedTaps),
             (3, padded(0), 6, 4, 64, Method::StackedTaps),
-            (3, padded(1), 64, 9, 64, Method::Winograd),
-            (3, padded(0), 64, 11, 64, Method::Winograd),
-            (3, padded(1), 64, 9, 72, Method::Winograd),
-            (3, padded(1), 64, 9, 3, Method::Winograd),
-            (3, padded(1), 8, 9, 64, Method::Candle),
+            (3, padded(1), 64, 17, 64, Method::Winograd),
+            (3, padded(0), 64, 19, 64, Method::Winograd),
+            (3, padded(1), 64, 17, 72, Method::Winograd),
+            (3, padded(1), 64, 17, 3, Method::Winograd),
+            (3, padded(1), 8, 18, 16, Method::Winograd),
+            (3, padded(1), 6, 17, 64, Method::Candle),
+            (3, padded(1), 32, 9, 32, Method::Candle),
             (5, padded(2), 64, 9, 64, Method::TapProducts),
             (3, padded(1), 6, 9, 16, Method::Candle),
         ];
@@ -224,7 +235,7 @@ mod tests {
 
     #[test]
     fn each_image_of_a_batch_gets_what_it_gets_alone() {
-        for (cin, size, cout) in [(6, 4, 64), (64, 9, 64), (64, 10, 64), (6, 5, 8)] {
+        for (cin, size, cout) in [(6, 4, 64), (64, 17, 64), (16, 18, 16), (6, 5, 8)] {
             let conv = layer(cin, cout, 3, padded(1));
             let xs = Tensor::randn(0f32, 1.0, (3, cin, size, size), &Device::Cpu).unwrap();
             let batched = conv.forward(&xs).unwrap();
