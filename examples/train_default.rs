@@ -50,13 +50,13 @@ struct Args {
     #[arg(long, default_value_t = 0)]
     seed: u64,
     /// Stage 1 (VAE) optimizer steps.
-    #[arg(long, default_value_t = 1000)]
+    #[arg(long, default_value_t = 5000)]
     vae_steps: usize,
     /// Stage 1 images per step.
-    #[arg(long, default_value_t = 16)]
+    #[arg(long, default_value_t = 4)]
     vae_batch: usize,
     /// Stage 1 peak learning rate.
-    #[arg(long, default_value_t = 2e-3)]
+    #[arg(long, default_value_t = 3e-3)]
     vae_lr: f64,
     /// Weight of the VAE's KL term against its L1 reconstruction loss.
     #[arg(long, default_value_t = 1e-4)]
@@ -67,11 +67,15 @@ struct Args {
     /// Weight of the VAE's edge loss (L1 of pixel differences), which sharpens reconstructions.
     #[arg(long, default_value_t = 1.0)]
     edge_weight: f64,
+    /// Noise on the latents the VAE decoder learns from, as a fraction of their spread (robustness to the UNet's
+    /// error).
+    #[arg(long, default_value_t = 0.3)]
+    latent_noise: f64,
     /// Stage 2 (text encoder + UNet) optimizer steps.
     #[arg(long, default_value_t = 4000)]
     steps: usize,
     /// Stage 2 images per step.
-    #[arg(long, default_value_t = 32)]
+    #[arg(long, default_value_t = 16)]
     batch: usize,
     /// Stage 2 images sharing one diffusion timestep (the batch is split into groups).
     #[arg(long, default_value_t = 8)]
@@ -80,7 +84,7 @@ struct Args {
     #[arg(long, default_value_t = 1e-3)]
     lr: f64,
     /// Decay of the weight average that is saved.
-    #[arg(long, default_value_t = 0.999)]
+    #[arg(long, default_value_t = 0.995)]
     ema_decay: f64,
     /// Fraction of empty captions (teaches the unconditional prediction classifier-free guidance needs).
     #[arg(long, default_value_t = 0.1)]
@@ -88,6 +92,12 @@ struct Args {
     /// Reuse the VAE of an earlier run's output folder instead of training stage 1 (for experiments on stage 2).
     #[arg(long)]
     vae_from: Option<PathBuf>,
+    /// UNet channels at the 8×8 and the 4×4 latent level.
+    #[arg(long, value_delimiter = ',', default_values_t = [64, 128])]
+    unet_channels: Vec<usize>,
+    /// Lower clamp of the per-timestep loss weight (SNR of the clean-image error); 0 gives plain Min-SNR.
+    #[arg(long, default_value_t = 1.0)]
+    snr_floor: f64,
     /// CPU threads (0: all cores). On a busy machine 1 can be faster than 2.
     #[arg(long, default_value_t = 0)]
     threads: usize,
@@ -142,6 +152,7 @@ fn main() -> Result<()> {
         kl_weight: args.kl_weight,
         foreground_weight: args.foreground_weight,
         edge_weight: args.edge_weight,
+        latent_noise: args.latent_noise,
         seed: args.seed,
     };
     let denoiser_settings = DenoiserSettings {
@@ -152,6 +163,9 @@ fn main() -> Result<()> {
         caption_dropout: args.caption_dropout,
         ema_decay: args.ema_decay,
         min_snr_gamma: 5.0,
+        snr_floor: args.snr_floor,
+        unet_channels: <[usize; 2]>::try_from(args.unet_channels.as_slice())
+            .map_err(|_| anyhow::anyhow!("--unet-channels takes two numbers, like 32,64"))?,
         seed: args.seed,
     };
 
@@ -171,7 +185,7 @@ fn main() -> Result<()> {
         &args.out.join("loss.png"),
         &[
             Panel { title: "stage 1: VAE reconstruction L1 per step", points: &vae_curve, log_y: true },
-            Panel { title: "stage 2: UNet epsilon MSE per step", points: &unet_curve, log_y: true },
+            Panel { title: "stage 2: UNet v-prediction MSE per step", points: &unet_curve, log_y: true },
         ],
     )?;
     let total = started.elapsed().as_secs_f64();
@@ -184,7 +198,7 @@ fn main() -> Result<()> {
             "steps": vae_settings.steps, "batch": vae_settings.batch, "learning_rate": vae_settings.learning_rate,
             "kl_weight": vae_settings.kl_weight,
             "foreground_weight": vae_settings.foreground_weight,
-            "edge_weight": vae_settings.edge_weight, "seconds": autoencoder.seconds.round(),
+            "edge_weight": vae_settings.edge_weight, "latent_noise": vae_settings.latent_noise, "seconds": autoencoder.seconds.round(),
             "final_l1": tail_mean(&autoencoder.losses, 0.05), "held_out_l1": autoencoder.eval_l1,
             "scaling_factor": autoencoder.config.scaling_factor, "curve": vae_curve,
         },
@@ -192,6 +206,8 @@ fn main() -> Result<()> {
             "steps": denoiser_settings.steps, "batch": denoiser_settings.batch, "group": denoiser_settings.group,
             "learning_rate": denoiser_settings.learning_rate, "ema_decay": denoiser_settings.ema_decay,
             "caption_dropout": denoiser_settings.caption_dropout, "min_snr_gamma": denoiser_settings.min_snr_gamma,
+            "snr_floor": denoiser_settings.snr_floor,
+            "unet_channels": denoiser_settings.unet_channels,
             "unet_parameters": denoiser.unet_parameters, "text_encoder_trainable_parameters": denoiser.text_parameters,
             "seconds": denoiser.seconds.round(), "final_loss": tail_mean(&denoiser.losses, 0.05),
             "held_out_loss": denoiser.eval_loss.captioned,

@@ -36,6 +36,8 @@ pub struct AutoencoderSettings {
     pub foreground_weight: f64,
     /// Weight of the edge term (L1 of pixel differences).
     pub edge_weight: f64,
+    /// Noise added to the latents the decoder trains on, as a fraction of the latents' spread.
+    pub latent_noise: f64,
     pub seed: u64,
 }
 
@@ -100,6 +102,19 @@ fn pixel_weights(scenes: &[Scene], extra: f64) -> Result<Tensor> {
     Ok(Tensor::from_vec(weights, (scenes.len(), 1, IMAGE_SIDE, IMAGE_SIDE), &Device::Cpu)?)
 }
 
+/// Adds Gaussian noise of `fraction` times the batch's latent spread (measured, not trained through). The UNet's
+/// output is never exact: with a KL weight this light, the encoder's own noise is tiny, and a decoder that never
+/// saw imprecise latents turns a slightly-off square into a round blob. Relative noise also keeps the encoder from
+/// escaping it by growing its latents: shape must be told apart by differences larger than the noise.
+fn with_latent_noise(latents: &Tensor, fraction: f64, rng: &mut NoiseSource) -> Result<Tensor> {
+    if fraction == 0.0 {
+        return Ok(latents.clone());
+    }
+    let spread = latents.detach().sqr()?.mean_all()?.to_scalar::<f32>()?.sqrt() as f64;
+    let noise = rng.tensor(latents.shape().clone(), DType::F32, &Device::Cpu)?;
+    Ok((latents + noise.affine(fraction * spread, 0.0)?)?)
+}
+
 /// Draws latents from the encoder's distribution (unscaled).
 pub fn sample_latents(vae: &Vae, images: &Tensor, rng: &mut NoiseSource) -> Result<Tensor> {
     let dist = vae.encode(images)?;
@@ -129,6 +144,7 @@ pub fn train_autoencoder(settings: AutoencoderSettings) -> Result<TrainedAutoenc
         let dist = vae.encode(&images)?;
         let eps = noise.tensor(dist.mean.shape().clone(), DType::F32, &Device::Cpu)?;
         let latents = (&dist.mean + (&dist.std * eps)?)?;
+        let latents = with_latent_noise(&latents, settings.latent_noise, &mut noise)?;
         let reconstruction = vae.decode(&latents)?;
         let edges = edge_l1(&reconstruction, &images)?;
         let error = (reconstruction - &images)?.abs()?;

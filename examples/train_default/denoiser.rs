@@ -1,6 +1,10 @@
 //! Stage 2: the text encoders and UNet, trained jointly on the frozen VAE's latents with Stable Diffusion's
-//! objective: DDPM noise (scaled-linear betas 0.00085–0.012 over 1000 steps), epsilon prediction, and 10% empty
-//! captions so classifier-free guidance works.
+//! noise schedule (DDPM, scaled-linear betas 0.00085–0.012 over 1000 steps) and 10% empty captions so
+//! classifier-free guidance works.
+//!
+//! The UNet predicts v = √ᾱ·ε − √(1−ᾱ)·x₀ (SD 2.x's objective) rather than ε: at high noise an ε-prediction loss
+//! barely depends on the clean image, so a short run never learns the caption's colours and shapes, while the
+//! v-loss there is the error of the predicted image itself.
 //!
 //! The architecture is SDXL's in miniature: besides cross-attention, the pooled caption embedding is added to the
 //! timestep embedding of every block. That global path learns colour, shape and background within a short CPU
@@ -20,7 +24,7 @@ use imago::diffusion::unet::{TextTimeConditioning, UNet};
 use crate::autoencoder::{sample_latents, scene_batch, TrainedAutoencoder, IMAGE_SIDE};
 use crate::params::{frozen_builder, learning_rate, tail_mean, Ema, TrainableWeights};
 use crate::progress::Progress;
-use crate::scenes::{CaptionParts, Scene};
+use crate::scenes::{CaptionParts, Position, Scene, Size};
 use crate::text::{context_dim, trainable_text_weights, Captions, Conditioning, TextEncoders, POOLED_DIM};
 
 const TRAIN_TIMESTEPS: usize = 1000;
@@ -38,8 +42,14 @@ pub struct DenoiserSettings {
     pub learning_rate: f64,
     pub caption_dropout: f64,
     pub ema_decay: f64,
-    /// Min-SNR-γ loss weighting (Hang et al. 2023): nearly noise-free timesteps stop dominating the gradient.
+    /// Loss weight per timestep, as a weight on the clean-image error: the SNR clamped to
+    /// [`snr_floor`, `min_snr_gamma`]. The ceiling (Min-SNR-γ, Hang et al. 2023) stops nearly noise-free steps
+    /// dominating the gradient; the floor (truncated SNR, Salimans & Ho 2022) keeps the noisiest steps, where
+    /// colour and shape are decided, from fading out.
     pub min_snr_gamma: f64,
+    pub snr_floor: f64,
+    /// UNet channels at the 8×8 and the 4×4 latent level.
+    pub unet_channels: [usize; 2],
     pub seed: u64,
 }
 
@@ -51,7 +61,7 @@ pub struct TrainedDenoiser {
     pub text_weights: [BTreeMap<String, Tensor>; 2],
     pub unet_parameters: usize,
     pub text_parameters: usize,
-    /// Unweighted epsilon MSE of every step.
+    /// Unweighted v-prediction MSE of every step.
     pub losses: Vec<f32>,
     pub eval_loss: HeldOutLoss,
     pub seconds: f64,
@@ -59,12 +69,12 @@ pub struct TrainedDenoiser {
 
 /// Two levels (8×8 and 4×4 latents); cross-attention at 4×4 and in the middle, where it is cheap (SDXL also has
 /// none at its highest resolution); SDXL's text_time embedding everywhere.
-pub fn unet_config(latent_channels: usize) -> UNetConfig {
+pub fn unet_config(latent_channels: usize, channels: [usize; 2]) -> UNetConfig {
     let names = |v: &[&str]| v.iter().map(|x| x.to_string()).collect::<Vec<_>>();
     UNetConfig {
         in_channels: latent_channels,
         out_channels: latent_channels,
-        block_out_channels: vec![32, 64],
+        block_out_channels: channels.to_vec(),
         down_block_types: names(&["DownBlock2D", "CrossAttnDownBlock2D"]),
         up_block_types: names(&["CrossAttnUpBlock2D", "UpBlock2D"]),
         layers_per_block: 1,
@@ -102,13 +112,17 @@ pub fn alphas_cumprod() -> Vec<f64> {
         .collect()
 }
 
-/// Caption of a training scene: each optional part spelled half the time, or empty with `dropout` probability.
+/// Caption of a training scene, or empty with `dropout` probability. Size and position are spelled always when they
+/// differ from a large shape in the center and half the time otherwise, so a caption naming only colour, shape and
+/// background means a large centred shape: one clear picture to draw rather than a blur of sizes and places, and at
+/// 32×32 pixels a small shape is too few pixels to keep its outline.
 fn training_caption(scene: &Scene, rng: &mut NoiseSource, dropout: f64) -> String {
     if (rng.next_uniform() as f64) < dropout {
         return String::new();
     }
-    let parts = CaptionParts { size: rng.next_uniform() < 0.5, position: rng.next_uniform() < 0.5 };
-    scene.caption(parts)
+    let size = rng.next_uniform() < 0.5 || scene.size != Size::Large;
+    let position = rng.next_uniform() < 0.5 || scene.position != Position::Center;
+    scene.caption(CaptionParts { size, position })
 }
 
 /// SDXL's size/crop ids as the pipeline sends them for a native-size image: (h, w, 0, 0, h, w).
@@ -126,20 +140,22 @@ struct NoisedBatch<'a> {
     group: usize,
 }
 
-/// Epsilon MSE per group.
-fn group_losses(unet: &UNet, batch: &NoisedBatch, text: &Conditioning, alphas: &[f64]) -> Result<Vec<Tensor>> {
+/// Squared v-prediction error per group, (group, channels, h, w) each.
+fn group_errors(unet: &UNet, batch: &NoisedBatch, text: &Conditioning, alphas: &[f64]) -> Result<Vec<Tensor>> {
     let group = batch.group;
     let ids = time_ids(group)?;
     let mut out = Vec::with_capacity(batch.timesteps.len());
     for (g, &t) in batch.timesteps.iter().enumerate() {
         let x0 = batch.latents.narrow(0, g * group, group)?;
         let eps = batch.noise.narrow(0, g * group, group)?;
-        let noisy = (x0.affine(alphas[t].sqrt(), 0.0)? + eps.affine((1.0 - alphas[t]).sqrt(), 0.0)?)?;
+        let (signal, noise) = (alphas[t].sqrt(), (1.0 - alphas[t]).sqrt());
+        let noisy = (x0.affine(signal, 0.0)? + eps.affine(noise, 0.0)?)?;
+        let target = (eps.affine(signal, 0.0)? - x0.affine(noise, 0.0)?)?;
         let added =
             TextTimeConditioning { text_embeds: text.pooled.narrow(0, g * group, group)?, time_ids: ids.clone() };
         let context = text.context.narrow(0, g * group, group)?;
         let prediction = unet.forward(&noisy, t as f64, &context, Some(&added))?;
-        out.push((prediction - eps)?.sqr()?.mean_all()?);
+        out.push((prediction - target)?.sqr()?);
     }
     Ok(out)
 }
@@ -153,7 +169,7 @@ pub fn train_denoiser(settings: DenoiserSettings, autoencoder: &TrainedAutoencod
     let text_weights = trainable_text_weights(settings.seed)?;
     let text = TextEncoders::new(text_weights[0].var_builder(), text_weights[1].var_builder())?;
     let unet_weights = TrainableWeights::new(settings.seed ^ 0x0e7, Default::default());
-    let unet_config = unet_config(autoencoder.config.latent_channels);
+    let unet_config = unet_config(autoencoder.config.latent_channels, settings.unet_channels);
     let unet = UNet::new(unet_weights.var_builder(), unet_config.clone(), Path::new("unet/config.json"))?;
     let text_parameters = text_weights.iter().map(|w| w.trainable_count()).sum();
     let unet_parameters = unet_weights.trainable_count();
@@ -187,11 +203,16 @@ pub fn train_denoiser(settings: DenoiserSettings, autoencoder: &TrainedAutoencod
             .collect();
         let eps = noise.tensor(latents.shape().clone(), DType::F32, &Device::Cpu)?;
         let batch = NoisedBatch { latents: &latents, noise: &eps, timesteps: &timesteps, group: settings.group };
-        let per_group = group_losses(&unet, &batch, &conditioning, &alphas)?;
+        let errors = group_errors(&unet, &batch, &conditioning, &alphas)?;
         let mut weighted = Vec::with_capacity(groups);
-        for (mse, &t) in per_group.iter().zip(&timesteps) {
+        let mut per_group = Vec::with_capacity(groups);
+        for (error, &t) in errors.iter().zip(&timesteps) {
+            // The v-loss is (SNR + 1) times the clean-image loss, so divide that out.
             let snr = alphas[t] / (1.0 - alphas[t]);
-            weighted.push(mse.affine(snr.min(settings.min_snr_gamma) / snr / groups as f64, 0.0)?);
+            let weight = snr.clamp(settings.snr_floor, settings.min_snr_gamma) / (snr + 1.0);
+            let mse = error.mean_all()?;
+            weighted.push(mse.affine(weight / groups as f64, 0.0)?);
+            per_group.push(mse);
         }
         let loss = Tensor::stack(&weighted, 0)?.sum_all()?;
         optimizer.backward_step(&loss)?;
@@ -208,7 +229,7 @@ pub fn train_denoiser(settings: DenoiserSettings, autoencoder: &TrainedAutoencod
 
     let text_averaged = [emas[0].weights(&text_weights[0]), emas[1].weights(&text_weights[1])];
     let unet_averaged = emas[2].weights(&unet_weights);
-    let eval_loss = evaluate(&unet_averaged, &text_averaged, autoencoder, settings.seed)
+    let eval_loss = evaluate(&unet_config, &unet_averaged, &text_averaged, autoencoder, settings.seed)
         .context("evaluating the averaged weights")?;
     bar.finish(format!(
         "loss {:.4}, held-out loss {:.4} ({:.4} without captions)",
@@ -228,7 +249,7 @@ pub fn train_denoiser(settings: DenoiserSettings, autoencoder: &TrainedAutoencod
     })
 }
 
-/// Held-out epsilon MSE of the same noisy latents with and without their captions.
+/// Held-out v-prediction MSE of the same noisy latents with and without their captions.
 #[derive(Debug, Clone, Copy)]
 pub struct HeldOutLoss {
     pub captioned: f32,
@@ -236,9 +257,10 @@ pub struct HeldOutLoss {
     pub uncaptioned: f32,
 }
 
-/// Held-out epsilon MSE: 256 fixed scenes with full captions, 32 timesteps spread evenly, fixed noise. Unlike the
+/// Held-out v-prediction MSE: 256 fixed scenes with full captions, 32 timesteps spread evenly, fixed noise. Unlike the
 /// training loss it has no sampling noise, so two runs can be compared by it.
 pub fn evaluate(
+    config: &UNetConfig,
     unet_weights: &BTreeMap<String, Tensor>,
     text_weights: &[BTreeMap<String, Tensor>; 2],
     autoencoder: &TrainedAutoencoder,
@@ -246,8 +268,7 @@ pub fn evaluate(
 ) -> Result<HeldOutLoss> {
     const SAMPLES: usize = 256;
     const GROUP: usize = 8;
-    let config = unet_config(autoencoder.config.latent_channels);
-    let unet = UNet::new(frozen_builder(unet_weights), config, Path::new("unet/config.json"))?;
+    let unet = UNet::new(frozen_builder(unet_weights), config.clone(), Path::new("unet/config.json"))?;
     let text = TextEncoders::new(frozen_builder(&text_weights[0]), frozen_builder(&text_weights[1]))?;
     let mut rng = NoiseSource::new(seed ^ EVAL_SALT);
     let (images, scenes) = scene_batch(&mut rng, SAMPLES)?;
@@ -261,8 +282,9 @@ pub fn evaluate(
     let mut captions = Captions::new()?;
     let mut loss = |texts: Vec<String>| -> Result<f32> {
         let (ids, eos) = captions.encode(&texts)?;
-        let losses = group_losses(&unet, &batch, &text.encode(&ids, &eos)?, &alphas)?;
-        Ok(Tensor::stack(&losses, 0)?.mean_all()?.to_scalar::<f32>()?)
+        let errors = group_errors(&unet, &batch, &text.encode(&ids, &eos)?, &alphas)?;
+        let means = errors.iter().map(|e| e.mean_all()).collect::<candle_core::Result<Vec<_>>>()?;
+        Ok(Tensor::stack(&means, 0)?.mean_all()?.to_scalar::<f32>()?)
     };
     let captioned = loss(scenes.iter().map(|s| s.caption(CaptionParts { size: true, position: true })).collect())?;
     let uncaptioned = loss(vec![String::new(); SAMPLES])?;

@@ -43,13 +43,13 @@ fn write_weights(dir: &Path, stem: &str, weights: &BTreeMap<String, Tensor>) -> 
     candle_core::safetensors::save(&half, &path).with_context(|| format!("writing {}", path.display()))
 }
 
-/// The scheduler the model was trained with (SD's DDPM betas) as a DDIM config; "trailing" spacing makes short
+/// The noise schedule the model was trained with (SD's DDPM betas, v-prediction) as a DDIM config; "trailing" spacing makes short
 /// samplers start from pure noise (t = 999).
 fn scheduler_config() -> Value {
     json!({
         "_class_name": "DDIMScheduler", "_diffusers_version": DIFFUSERS_VERSION, "beta_start": 0.00085,
         "beta_end": 0.012, "beta_schedule": "scaled_linear", "num_train_timesteps": 1000, "trained_betas": null,
-        "clip_sample": false, "set_alpha_to_one": false, "steps_offset": 1, "prediction_type": "epsilon",
+        "clip_sample": false, "set_alpha_to_one": false, "steps_offset": 1, "prediction_type": "v_prediction",
         "timestep_spacing": "trailing"
     })
 }
