@@ -11,6 +11,7 @@ pub mod config;
 mod conv;
 mod layers;
 pub mod model;
+mod norm;
 pub mod pipeline;
 pub mod tokenizer;
 pub mod unet;

@@ -3,11 +3,12 @@
 use std::path::Path;
 
 use candle_core::{Module, Tensor};
-use candle_nn::{group_norm, Conv2dConfig, GroupNorm, VarBuilder};
+use candle_nn::{Conv2dConfig, VarBuilder};
 
 use super::config::VaeConfig;
 use super::conv::{conv2d, Conv2d};
 use super::layers::{Attention, AttentionConfig, Downsample2D, ResnetBlock2D, ResnetConfig, Upsample2D};
+use super::norm::{group_norm, GroupNorm};
 use super::Result;
 
 const VAE_EPS: f64 = 1e-6;
@@ -146,7 +147,7 @@ impl Encoder {
             }
         }
         let xs = self.mid.forward(&xs)?;
-        Ok(self.conv_out.forward(&self.norm_out.forward(&xs)?.silu()?)?)
+        Ok(self.conv_out.forward(&self.norm_out.forward_silu(&xs)?)?)
     }
 }
 
@@ -196,7 +197,7 @@ impl Decoder {
                 xs = u.forward(&xs, None)?;
             }
         }
-        Ok(self.conv_out.forward(&self.norm_out.forward(&xs)?.silu()?)?)
+        Ok(self.conv_out.forward(&self.norm_out.forward_silu(&xs)?)?)
     }
 }
 

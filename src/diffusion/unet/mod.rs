@@ -10,12 +10,13 @@ mod transformer;
 use std::path::Path;
 
 use candle_core::{DType, Module, Tensor};
-use candle_nn::{group_norm, Conv2dConfig, GroupNorm, VarBuilder};
+use candle_nn::{Conv2dConfig, VarBuilder};
 
 use self::blocks::{BlockAttention, BlockContext, BlockShape, DownBlock, MidBlock, UpBlock};
 use super::config::{BlockKind, UNetConfig};
 use super::conv::{conv2d, Conv2d};
 use super::layers::{timestep_embedding, TimestepEmbedding};
+use super::norm::{group_norm, GroupNorm};
 use super::Result;
 
 /// SDXL's extra conditioning: the pooled embedding of the second text encoder and six size/crop numbers
@@ -182,7 +183,7 @@ impl UNet {
         }
 
         // 5. output projection
-        let xs = self.conv_norm_out.forward(&xs)?.silu()?;
+        let xs = self.conv_norm_out.forward_silu(&xs)?;
         Ok(self.conv_out.forward(&xs)?)
     }
 }

@@ -2,10 +2,11 @@
 //! sequence of tokens that attend to each other and to the text embedding.
 
 use candle_core::{Module, Tensor};
-use candle_nn::{group_norm, GroupNorm, VarBuilder};
+use candle_nn::VarBuilder;
 
 use crate::diffusion::conv::{conv2d, Conv2d};
 use crate::diffusion::layers::{linear, Attention, AttentionConfig, LayerNorm, Linear};
+use crate::diffusion::norm::{group_norm, GroupNorm};
 use crate::diffusion::Result;
 
 /// Shape parameters of a [`Transformer2D`].
