@@ -89,13 +89,14 @@ macro_rules! vectorized {
     ($body:ident($($arg:expr),* $(,)?)) => {{
         #[cfg(target_arch = "x86_64")]
         {
+            // Once inlined into `wide` (the bodies are `#[inline(always)]`), the loops are compiled with AVX2 enabled.
             #[target_feature(enable = "avx2")]
-            fn wide<A, R>(f: impl FnOnce(A) -> R, args: A) -> R {
-                f(args)
+            fn wide<R>(body: impl FnOnce() -> R) -> R {
+                body()
             }
             if std::arch::is_x86_feature_detected!("avx2") {
                 // SAFETY: the CPU supports AVX2, checked just above.
-                unsafe { wide(|()| $body($($arg),*), ()) }
+                unsafe { wide(|| $body($($arg),*)) }
             } else {
                 $body($($arg),*)
             }
