@@ -9,6 +9,7 @@ pub use error::{Error, Result};
 pub mod clip;
 pub mod config;
 mod conv;
+mod host;
 mod layers;
 pub mod model;
 mod norm;

@@ -7,9 +7,11 @@
 //! megabytes per image, that is most of a norm's cost gone. Training (tracked tensors), GPUs and other dtypes keep
 //! candle's operations.
 
-use candle_core::{DType, Device, Module, Storage, Tensor};
+use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::VarBuilder;
 use rayon::prelude::*;
+
+use super::host::with_f32_slice;
 
 /// `torch.nn.GroupNorm`: per image and group of channels, normalise to zero mean and unit variance, then scale
 /// and shift per channel.
@@ -53,24 +55,20 @@ impl GroupNorm {
             return Ok(None);
         }
         let dims = xs.dims().to_vec();
-        let (batch, channels) = (dims[0], dims[1]);
-        if channels != scale.len() || channels % self.groups != 0 {
+        let channels = dims[1];
+        if channels != scale.len() || !channels.is_multiple_of(self.groups) {
             return Ok(None);
         }
         let plane: usize = dims[2..].iter().product();
         let group_len = channels / self.groups * plane;
-        let xs = xs.contiguous()?;
-        let (storage, layout) = xs.storage_and_layout();
-        let Storage::Cpu(cpu) = &*storage else { return Ok(None) };
-        let Some((start, end)) = layout.contiguous_offsets() else { return Ok(None) };
-        let input = &cpu.as_slice::<f32>()?[start..end];
-        let mut output = vec![0f32; input.len()];
-        output.par_chunks_mut(group_len).zip(input.par_chunks(group_len)).enumerate().for_each(|(i, (out, x))| {
-            let first_channel = (i % self.groups) * (channels / self.groups);
-            normalise_group(x, out, plane, &scale[first_channel..], &shift[first_channel..], self.eps, silu);
-        });
-        drop(storage);
-        debug_assert_eq!(output.len(), batch * channels * plane);
+        let output = with_f32_slice(&xs.contiguous()?, |input| {
+            let mut output = vec![0f32; input.len()];
+            output.par_chunks_mut(group_len).zip(input.par_chunks(group_len)).enumerate().for_each(|(i, (out, x))| {
+                let first_channel = (i % self.groups) * (channels / self.groups);
+                normalise_group(x, out, plane, &scale[first_channel..], &shift[first_channel..], self.eps, silu);
+            });
+            Ok(output)
+        })?;
         Ok(Some(Tensor::from_vec(output, dims, &Device::Cpu)?))
     }
 }

@@ -15,8 +15,10 @@
 //! input channels; the transforms' constants are small integers and fractions of 6 and 24). The tests bound it
 //! against candle's direct convolution.
 
-use candle_core::{DType, Device, Result, Storage, Tensor};
+use candle_core::{DType, Device, Result, Tensor};
 use rayon::prelude::*;
+
+use super::host::with_f32_slice;
 
 /// Output tile side.
 const TILE: usize = 4;
@@ -60,19 +62,6 @@ fn output_line(m: [f32; SPAN]) -> [f32; TILE] {
         m[1] + m[2] + 4.0 * m[3] + 4.0 * m[4],
         m[1] - m[2] + 8.0 * m[3] - 8.0 * m[4] + m[5],
     ]
-}
-
-/// A tensor's f32 values in its layout order; the tensor must be contiguous.
-fn with_f32_slice<R>(tensor: &Tensor, f: impl FnOnce(&[f32]) -> Result<R>) -> Result<R> {
-    let (storage, layout) = tensor.storage_and_layout();
-    let Storage::Cpu(cpu) = &*storage else {
-        return Err(candle_core::Error::Msg("Winograd convolution runs on the CPU only".into()));
-    };
-    let values = cpu.as_slice::<f32>()?;
-    match layout.contiguous_offsets() {
-        Some((start, end)) => f(&values[start..end]),
-        None => Err(candle_core::Error::Msg("Winograd convolution needs contiguous tensors".into())),
-    }
 }
 
 /// Whether a convolution with this input and kernel can take this module's path.
