@@ -9,13 +9,7 @@
 # ITERATIONS (default 3) measured per round, STEPS (default 4).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-if [ -z "${PYTHON:-}" ]; then
-  if [ ! -x .venv-parity/bin/python ]; then
-    python3 -m venv .venv-parity
-    .venv-parity/bin/pip install -q -r tools/parity/requirements.txt
-  fi
-  PYTHON=.venv-parity/bin/python
-fi
+source tools/python.sh
 threads=${THREADS:-$(nproc)}
 rounds=${ROUNDS:-3}
 iterations=${ITERATIONS:-3}

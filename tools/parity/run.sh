@@ -4,13 +4,7 @@
 # The Rust parity tests (tests/parity_*.rs) then compare imago against these files.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-if [ -z "${PYTHON:-}" ]; then
-  if [ ! -x .venv-parity/bin/python ]; then
-    python3 -m venv .venv-parity
-    .venv-parity/bin/pip install -q -r tools/parity/requirements.txt
-  fi
-  PYTHON=.venv-parity/bin/python
-fi
+source tools/python.sh
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 cargo build -q --bin imago
