@@ -95,6 +95,9 @@ struct Args {
     /// UNet channels at the 8×8 and the 4×4 latent level.
     #[arg(long, value_delimiter = ',', default_values_t = [64, 128])]
     unet_channels: Vec<usize>,
+    /// Cross-attention at the 8×8 latent level too (by default only at 4×4 and in the middle).
+    #[arg(long)]
+    attention_at_8x8: bool,
     /// Lower clamp of the per-timestep loss weight (SNR of the clean-image error); 0 gives plain Min-SNR.
     #[arg(long, default_value_t = 1.0)]
     snr_floor: f64,
@@ -166,6 +169,7 @@ fn main() -> Result<()> {
         snr_floor: args.snr_floor,
         unet_channels: <[usize; 2]>::try_from(args.unet_channels.as_slice())
             .map_err(|_| anyhow::anyhow!("--unet-channels takes two numbers, like 32,64"))?,
+        attention_at_8x8: args.attention_at_8x8,
         seed: args.seed,
     };
 
@@ -208,6 +212,7 @@ fn main() -> Result<()> {
             "caption_dropout": denoiser_settings.caption_dropout, "min_snr_gamma": denoiser_settings.min_snr_gamma,
             "snr_floor": denoiser_settings.snr_floor,
             "unet_channels": denoiser_settings.unet_channels,
+            "attention_at_8x8": denoiser_settings.attention_at_8x8,
             "unet_parameters": denoiser.unet_parameters, "text_encoder_trainable_parameters": denoiser.text_parameters,
             "seconds": denoiser.seconds.round(), "final_loss": tail_mean(&denoiser.losses, 0.05),
             "held_out_loss": denoiser.eval_loss.captioned,

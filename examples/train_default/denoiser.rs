@@ -50,6 +50,8 @@ pub struct DenoiserSettings {
     pub snr_floor: f64,
     /// UNet channels at the 8×8 and the 4×4 latent level.
     pub unet_channels: [usize; 2],
+    /// Cross-attention at the 8×8 level too, not only at 4×4 and in the middle.
+    pub attention_at_8x8: bool,
     pub seed: u64,
 }
 
@@ -68,15 +70,17 @@ pub struct TrainedDenoiser {
 }
 
 /// Two levels (8×8 and 4×4 latents); cross-attention at 4×4 and in the middle, where it is cheap (SDXL also has
-/// none at its highest resolution); SDXL's text_time embedding everywhere.
-pub fn unet_config(latent_channels: usize, channels: [usize; 2]) -> UNetConfig {
+/// none at its highest resolution), and optionally at 8×8; SDXL's text_time embedding everywhere.
+pub fn unet_config(latent_channels: usize, channels: [usize; 2], attention_at_8x8: bool) -> UNetConfig {
     let names = |v: &[&str]| v.iter().map(|x| x.to_string()).collect::<Vec<_>>();
+    let (outer_down, outer_up) =
+        if attention_at_8x8 { ("CrossAttnDownBlock2D", "CrossAttnUpBlock2D") } else { ("DownBlock2D", "UpBlock2D") };
     UNetConfig {
         in_channels: latent_channels,
         out_channels: latent_channels,
         block_out_channels: channels.to_vec(),
-        down_block_types: names(&["DownBlock2D", "CrossAttnDownBlock2D"]),
-        up_block_types: names(&["CrossAttnUpBlock2D", "UpBlock2D"]),
+        down_block_types: names(&[outer_down, "CrossAttnDownBlock2D"]),
+        up_block_types: names(&["CrossAttnUpBlock2D", outer_up]),
         layers_per_block: 1,
         attention_head_dim: Some(PerBlock::All(4)),
         num_attention_heads: None,
@@ -169,7 +173,8 @@ pub fn train_denoiser(settings: DenoiserSettings, autoencoder: &TrainedAutoencod
     let text_weights = trainable_text_weights(settings.seed)?;
     let text = TextEncoders::new(text_weights[0].var_builder(), text_weights[1].var_builder())?;
     let unet_weights = TrainableWeights::new(settings.seed ^ 0x0e7, Default::default());
-    let unet_config = unet_config(autoencoder.config.latent_channels, settings.unet_channels);
+    let unet_config =
+        unet_config(autoencoder.config.latent_channels, settings.unet_channels, settings.attention_at_8x8);
     let unet = UNet::new(unet_weights.var_builder(), unet_config.clone(), Path::new("unet/config.json"))?;
     let text_parameters = text_weights.iter().map(|w| w.trainable_count()).sum();
     let unet_parameters = unet_weights.trainable_count();
