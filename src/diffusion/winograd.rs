@@ -18,7 +18,7 @@
 use candle_core::{DType, Device, Result, Tensor};
 use rayon::prelude::*;
 
-use super::host::with_f32_slice;
+use super::host::{vectorized, with_f32_slice};
 
 /// Output tile side.
 const TILE: usize = 4;
@@ -69,32 +69,6 @@ pub fn supports(xs: &Tensor, kernel_taps_first: &Tensor) -> bool {
     xs.dtype() == DType::F32
         && kernel_taps_first.dtype() == DType::F32
         && matches!(kernel_taps_first.dims3(), Ok((_, 9, _)))
-}
-
-/// Runs a per-channel transform compiled for AVX2 when the CPU has it. The transforms are plain loops over
-/// contiguous lines that the compiler vectorizes; the default x86-64 target only allows 4-lane SSE2. Results are
-/// the same either way: no operation is fused or reordered, only run 8 lanes at a time.
-macro_rules! vectorized {
-    ($body:ident($($arg:expr),* $(,)?)) => {{
-        #[cfg(target_arch = "x86_64")]
-        {
-            // Once inlined into `wide` (the bodies are `#[inline(always)]`), the loops are compiled with AVX2 enabled.
-            #[target_feature(enable = "avx2")]
-            fn wide<R>(body: impl FnOnce() -> R) -> R {
-                body()
-            }
-            if std::arch::is_x86_feature_detected!("avx2") {
-                // SAFETY: the CPU supports AVX2, checked just above.
-                unsafe { wide(|| $body($($arg),*)) }
-            } else {
-                $body($($arg),*)
-            }
-        }
-        #[cfg(not(target_arch = "x86_64"))]
-        {
-            $body($($arg),*)
-        }
-    }};
 }
 
 /// The kernel (out, 9 taps, in) transformed into (out, 36, in): for each (out, in) pair, G·g·Gᵀ.
