@@ -6,6 +6,7 @@ use std::path::Path;
 use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::{embedding, linear, linear_no_bias, Embedding, Linear, VarBuilder};
 
+use super::activation::gelu;
 use super::config::{ClipActivation, ClipTextConfig};
 use super::layers::{softmax_last_dim, LayerNorm};
 use super::{Error, Result};
@@ -77,7 +78,7 @@ impl ClipLayer {
         let h = self.fc1.forward(&self.layer_norm2.forward(&xs)?)?;
         let h = match self.activation {
             ClipActivation::QuickGelu => (&h * candle_nn::ops::sigmoid(&(&h * 1.702)?)?)?,
-            ClipActivation::Gelu => h.gelu_erf()?,
+            ClipActivation::Gelu => gelu(&h)?,
         };
         Ok((self.fc2.forward(&h)? + xs)?)
     }

@@ -6,6 +6,7 @@ pub mod noise;
 pub mod schedulers;
 
 pub use error::{Error, Result};
+mod activation;
 pub mod clip;
 pub mod config;
 mod conv;

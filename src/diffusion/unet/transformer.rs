@@ -4,6 +4,7 @@
 use candle_core::{Module, Tensor};
 use candle_nn::VarBuilder;
 
+use crate::diffusion::activation::geglu;
 use crate::diffusion::conv::{conv2d, Conv2d};
 use crate::diffusion::layers::{linear, Attention, AttentionConfig, LayerNorm, Linear};
 use crate::diffusion::norm::{group_norm, GroupNorm};
@@ -55,9 +56,7 @@ impl FeedForward {
     }
 
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        let projected = self.proj_in.forward(xs)?;
-        let halves = projected.chunk(2, candle_core::D::Minus1)?;
-        let gated = (&halves[0] * halves[1].gelu_erf()?)?;
+        let gated = geglu(&self.proj_in.forward(xs)?)?;
         Ok(self.proj_out.forward(&gated)?)
     }
 }
