@@ -1,7 +1,7 @@
 //! GELU (exact, erf-based) and the GEGLU gate of the UNet's feed-forward, vectorized for CPU inference.
 //!
 //! candle computes GELU's erf with scalar calls, and GEGLU as three passes (split, GELU, product). Here erf is a
-//! rational approximation the compiler vectorizes, within 3.5e-7 of the exact value (a few f32 rounding steps), and
+//! branch-free approximation the compiler vectorizes, within 3.5e-7 of the exact value (a few f32 rounding steps), and
 //! GEGLU is one pass. Training and GPUs keep candle's operations.
 
 use candle_core::{DType, Result, Tensor, D};
@@ -9,7 +9,7 @@ use rayon::prelude::*;
 
 use super::host::{vectorized, with_f32_slice};
 
-/// Rows handed to one rayon task: enough work per task that scheduling stays negligible.
+/// Values handed to one rayon task at least: enough work per task that scheduling stays negligible.
 const MIN_ELEMENTS_PER_TASK: usize = 16 * 1024;
 
 /// `x · Φ(x)` (`torch.nn.functional.gelu` with its default exact form).
@@ -30,11 +30,6 @@ pub fn gelu(xs: &Tensor) -> Result<Tensor> {
 /// diffusers' `GEGLU` after its projection: the last dimension holds a value half and a gate half, and the
 /// result is `value · gelu(gate)`, half as wide.
 pub fn geglu(projected: &Tensor) -> Result<Tensor> {
-    if !takes_fast_path(projected) {
-        let halves = projected.chunk(2, D::Minus1)?;
-        return &halves[0] * halves[1].gelu_erf()?;
-    }
-    let projected = projected.contiguous()?;
     let width = projected.dim(D::Minus1)?;
     if width % 2 != 0 {
         return Err(candle_core::Error::Msg(format!("GEGLU needs an even width, got {width}")));
@@ -44,6 +39,14 @@ pub fn geglu(projected: &Tensor) -> Result<Tensor> {
     if let Some(last) = out_shape.last_mut() {
         *last = half;
     }
+    if projected.elem_count() == 0 {
+        return Tensor::zeros(out_shape, projected.dtype(), projected.device());
+    }
+    if !takes_fast_path(projected) {
+        let halves = projected.chunk(2, D::Minus1)?;
+        return &halves[0] * halves[1].gelu_erf()?;
+    }
+    let projected = projected.contiguous()?;
     let values = with_f32_slice(&projected, |values| {
         let mut out = vec![0f32; values.len() / 2];
         let rows_per_task = (MIN_ELEMENTS_PER_TASK / width.max(1)).max(1);
@@ -61,7 +64,8 @@ pub fn geglu(projected: &Tensor) -> Result<Tensor> {
 }
 
 fn takes_fast_path(xs: &Tensor) -> bool {
-    xs.device().is_cpu() && xs.dtype() == DType::F32 && !xs.track_op()
+    // Empty tensors go to candle too: a zero-width line has no chunks to split work by.
+    xs.device().is_cpu() && xs.dtype() == DType::F32 && !xs.track_op() && xs.elem_count() > 0
 }
 
 #[inline(always)]
@@ -183,6 +187,13 @@ mod tests {
         let reference = (&halves[0] * halves[1].gelu_erf().unwrap()).unwrap();
         let difference = (ours - reference).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
         assert!(difference <= 1e-5, "largest difference {difference}");
+    }
+
+    #[test]
+    fn empty_inputs_give_empty_results() {
+        let projected = Tensor::zeros((3, 0), DType::F32, &Device::Cpu).unwrap();
+        assert_eq!(geglu(&projected).unwrap().dims(), [3, 0]);
+        assert_eq!(gelu(&projected).unwrap().dims(), [3, 0]);
     }
 
     #[test]
