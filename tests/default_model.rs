@@ -16,6 +16,7 @@ use std::sync::OnceLock;
 use candle_core::Tensor;
 use classify::{classify, Reading};
 use imago::diffusion::default_model::default_model_dir;
+use imago::diffusion::edit::{EditInputs, EditParams};
 use imago::diffusion::model::{DiffusionModel, LoadOptions};
 use imago::diffusion::noise::NoiseSource;
 use imago::diffusion::pipeline::GenerateRequest;
@@ -199,4 +200,46 @@ fn the_default_model_draws_what_the_caption_says() {
     // are read as circles, so the overall bar is the level the shipped model reaches (88 %) less a margin for
     // rounding differences between machines; see models/default/README.md.
     assert!(shape >= 0.85, "shape agrees for {:.1}% of images", 100.0 * shape);
+}
+
+/// The default model edits too (its VAE has 8 latent channels, not SD's 4): from a rendered picture and a caption
+/// that changes only the colour, image-to-image keeps the shape and takes the new colour.
+#[test]
+fn the_default_model_recolours_a_picture_by_image_to_image() {
+    let model = model();
+    let (mut colour_ok, mut shape_ok, mut total) = (0, 0, 0);
+    let mut misreads = Vec::new();
+    for (s, &shape) in [Shape::Circle, Shape::Triangle, Shape::Star].iter().enumerate() {
+        for (from, to) in [(0, 2), (2, 3)] {
+            let scene = Scene {
+                shape,
+                colour: from,
+                background: 0,
+                size: scenes::Size::Large,
+                position: scenes::Position::Center,
+                radius: 0.0,
+                centre: (0.5, 0.5),
+            };
+            let picture = image::RgbImage::from_raw(32, 32, rendered_bytes(&scene, 32)).unwrap();
+            let target = Scene { colour: to, ..scene };
+            let prompt = target.caption(CaptionParts { size: false, position: false });
+            let seed = 5000 + 10 * (s * 10 + from) as u64;
+            let request = GenerateRequest { prompt, seed, batch: 4, ..Default::default() };
+            let params = EditParams { generate: model.params(request).unwrap(), strength: 0.8, mask_blur: 0.0 };
+            let inputs = EditInputs { image: &picture, mask: None };
+            let images = model.edit(&params, &inputs, &mut |_| true).unwrap().images;
+            for i in 0..4 {
+                let reading = classify(&image_bytes(&images, i), 32);
+                total += 1;
+                colour_ok += (reading.colour == Some(to)) as usize;
+                shape_ok += (reading.shape == Some(shape)) as usize;
+                if reading.colour != Some(to) || reading.shape != Some(shape) {
+                    misreads.push(format!("{:?} {} -> {}: read {reading:?}", shape, from, to));
+                }
+            }
+        }
+    }
+    println!("image-to-image: colour {colour_ok}/{total}, shape {shape_ok}/{total}\n{}", misreads.join("\n"));
+    assert!(colour_ok * 10 >= total * 9, "new colour in {colour_ok}/{total}:\n{}", misreads.join("\n"));
+    assert!(shape_ok * 10 >= total * 9, "shape kept in {shape_ok}/{total}:\n{}", misreads.join("\n"));
 }
