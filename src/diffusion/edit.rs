@@ -68,13 +68,13 @@ fn binary_mask(mask: &GrayImage, device: &candle_core::Device) -> Result<Tensor>
     Ok(Tensor::from_vec(values, (1, 1, h as usize, w as usize), device)?)
 }
 
-/// UNet input channels of a dedicated inpainting model: the noisy latents, the mask, and the masked image's
-/// latents (9 for SD's 4-channel VAE).
-fn inpainting_channels(latent_channels: usize) -> usize {
-    2 * latent_channels + 1
-}
-
 impl DiffusionModel {
+    /// Whether the UNet is a dedicated inpainting one: its input is the noisy latents, the mask and the masked
+    /// image's latents (9 channels with SD's 4-channel VAE).
+    fn is_inpainting_model(&self) -> bool {
+        self.unet.config().in_channels == 2 * self.vae.config().latent_channels + 1
+    }
+
     /// Checks an edit's parameters and inputs against this model.
     pub fn validate_edit(&self, params: &EditParams, inputs: &EditInputs) -> Result<()> {
         self.validate(&params.generate)?;
@@ -88,16 +88,18 @@ impl DiffusionModel {
         if inputs.image.dimensions() != size || inputs.mask.is_some_and(|m| m.dimensions() != size) {
             return Err(Error::InvalidRequest(format!("edit inputs must be fitted to {}x{} first", size.0, size.1)));
         }
-        let latent = self.vae.config().latent_channels;
-        match self.unet.config().in_channels {
-            c if c == latent => Ok(()),
-            c if c == inpainting_channels(latent) && inputs.mask.is_none() => {
-                Err(Error::InvalidRequest("this is an inpainting model: a mask is required".into()))
+        let (unet_in, latent) = (self.unet.config().in_channels, self.vae.config().latent_channels);
+        if self.is_inpainting_model() {
+            match inputs.mask {
+                Some(_) => Ok(()),
+                None => Err(Error::InvalidRequest("this is an inpainting model: a mask is required".into())),
             }
-            c if c == inpainting_channels(latent) => Ok(()),
-            c => Err(Error::InvalidRequest(format!(
-                "UNet with {c} input channels cannot edit images with a {latent}-channel VAE"
-            ))),
+        } else if unet_in == latent {
+            Ok(())
+        } else {
+            Err(Error::InvalidRequest(format!(
+                "UNet with {unet_in} input channels cannot edit images with a {latent}-channel VAE"
+            )))
         }
     }
 
@@ -141,8 +143,7 @@ impl DiffusionModel {
         // 2. where the schedule starts
         let mut scheduler = schedulers::build(p.scheduler, &self.scheduler_config, p.steps)?;
         let first = first_step(p.steps, params.strength);
-        let dedicated_inpaint =
-            self.unet.config().in_channels == inpainting_channels(self.vae.config().latent_channels);
+        let dedicated_inpaint = self.is_inpainting_model();
         let latents = if first == p.steps {
             image_latents.clone()
         } else if mask.is_some() && params.strength >= 1.0 {
