@@ -4,10 +4,10 @@
 //! branch-free approximation the compiler vectorizes, within 3.5e-7 of the exact value (a few f32 rounding steps), and
 //! GEGLU is one pass. Training and GPUs keep candle's operations.
 
-use candle_core::{DType, Result, Tensor, D};
+use candle_core::{Result, Tensor, D};
 use rayon::prelude::*;
 
-use super::host::{vectorized, with_f32_slice};
+use super::host::{is_cpu_f32_inference, vectorized, with_f32_slice};
 
 /// Values handed to one rayon task at least: enough work per task that scheduling stays negligible.
 const MIN_ELEMENTS_PER_TASK: usize = 16 * 1024;
@@ -65,7 +65,7 @@ pub fn geglu(projected: &Tensor) -> Result<Tensor> {
 
 fn takes_fast_path(xs: &Tensor) -> bool {
     // Empty tensors go to candle too: a zero-width line has no chunks to split work by.
-    xs.device().is_cpu() && xs.dtype() == DType::F32 && !xs.track_op() && xs.elem_count() > 0
+    is_cpu_f32_inference(xs) && xs.elem_count() > 0
 }
 
 #[inline(always)]
@@ -131,7 +131,7 @@ fn exp_negative(y: f32) -> f32 {
 
 #[cfg(test)]
 mod tests {
-    use candle_core::Device;
+    use candle_core::{DType, Device};
 
     use super::*;
 

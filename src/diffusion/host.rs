@@ -1,7 +1,13 @@
 //! Direct access to the values of tensors on the CPU, for the inference paths that compute on plain slices
 //! (Winograd convolution, fused group norm, GELU), and the wider vectors those loops may use.
 
-use candle_core::{Result, Storage, Tensor};
+use candle_core::{DType, Result, Storage, Tensor};
+
+/// Whether `xs` can take a slice-based inference path: f32, on the CPU, and not tracked for gradients (training
+/// keeps candle's differentiable operations).
+pub fn is_cpu_f32_inference(xs: &Tensor) -> bool {
+    xs.dtype() == DType::F32 && xs.device().is_cpu() && !xs.track_op()
+}
 
 /// Calls `f` with a contiguous CPU f32 tensor's values, in layout order.
 pub fn with_f32_slice<R>(tensor: &Tensor, f: impl FnOnce(&[f32]) -> Result<R>) -> Result<R> {

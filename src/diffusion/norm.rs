@@ -11,7 +11,7 @@ use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::VarBuilder;
 use rayon::prelude::*;
 
-use super::host::with_f32_slice;
+use super::host::{is_cpu_f32_inference, with_f32_slice};
 
 /// `torch.nn.GroupNorm`: per image and group of channels, normalise to zero mean and unit variance, then scale
 /// and shift per channel.
@@ -51,7 +51,7 @@ impl GroupNorm {
     /// The fused CPU computation, or `None` where candle's operations must run.
     fn fused(&self, xs: &Tensor, silu: bool) -> candle_core::Result<Option<Tensor>> {
         let Some((scale, shift)) = &self.affine else { return Ok(None) };
-        if xs.dtype() != DType::F32 || !xs.device().is_cpu() || xs.track_op() || xs.rank() < 3 {
+        if !is_cpu_f32_inference(xs) || xs.rank() < 3 {
             return Ok(None);
         }
         let dims = xs.dims().to_vec();
