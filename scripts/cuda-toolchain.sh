@@ -10,8 +10,9 @@
 #   eval "$(scripts/cuda-toolchain.sh DEST)"    ... and apply it to the current shell
 #   source scripts/cuda-toolchain.sh DEST       same as the eval form
 # Idempotent: a DEST that already holds bin/nvcc is reused untouched (delete DEST to rebuild it).
-# Environment: PYTHON (default python3) runs pip; CUDA_COMPUTE_CAP (default 90, i.e. H100/H200) and
-# CUDAFORGE_THREADS (default: all cores) are passed through when already set.
+# Environment: PYTHON (default python3) runs pip; CUDA_WHEEL_VERSION and CCCL_WHEEL_SPEC pick the toolkit (below);
+# CUDA_COMPUTE_CAP (default 90, i.e. H100/H200) and CUDAFORGE_THREADS (default: all cores) are passed through when
+# already set.
 # Needs: python3 with pip, gcc, cargo, and network access to PyPI and crates.io.
 
 if [[ "${BASH_SOURCE[0]}" != "$0" ]]; then
@@ -25,8 +26,11 @@ fi
 set -euo pipefail
 
 # cudarc 0.19.x accepts nvcc 13.0 to 13.4 only ("Unsupported cuda toolkit version" for 13.5), hence the pins.
-readonly CUDA_WHEEL_VERSION=13.4.92
-readonly CCCL_WHEEL_SPEC='nvidia-cuda-cccl==13.3.4.3.1.*'
+# candle's kernels ship as PTX that the driver compiles at load time, and a driver refuses PTX newer than itself
+# (CUDA_ERROR_UNSUPPORTED_PTX_VERSION): a binary meant for a machine with an R580 driver (CUDA 13.0) needs
+# CUDA_WHEEL_VERSION=13.0.88 CCCL_WHEEL_SPEC='nvidia-cuda-cccl==13.0.85'.
+readonly CUDA_WHEEL_VERSION=${CUDA_WHEEL_VERSION:-13.4.92}
+readonly CCCL_WHEEL_SPEC=${CCCL_WHEEL_SPEC:-'nvidia-cuda-cccl==13.3.4.3.1.*'}
 REPO_ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 readonly REPO_ROOT
 

@@ -1,13 +1,18 @@
 #!/usr/bin/env bash
 # GPU benchmark for a machine with an NVIDIA GPU and no network (e.g. an H200 lent for a few minutes): builds imago
 # with CUDA, writes random-weight folders with the full SD 1.5 and SD-Turbo architectures once, and runs
-# `imago bench` on each at batch 1 and 4. About 8 minutes including the build on 16 cores.
+# `imago bench` on each at batch 1 and 4. Where python3 can import diffusers (and torch with CUDA), SD 1.5 at batch 1
+# runs side by side with diffusers on the same folder (tools/bench/side_by_side.py, interleaved). About 8 minutes
+# including the build on 16 cores; a few without the build.
 #
 #   scripts/device-bench.sh
 #
 # Environment:
 #   OUT             where the JSON reports and the log go (default target/device-bench)
-#   IMAGO_BIN       an imago already built with `--features cuda` (skips the build; cargo is then not needed)
+#   IMAGO_BIN       an imago already built with `--features cuda` (skips the build; cargo is then not needed). Build
+#                   it with a toolkit no newer than the GPU machine's driver: candle's kernels are PTX that the driver
+#                   compiles at load, and it refuses a newer PTX version (for an R580 driver, CUDA 13.0: see
+#                   scripts/cuda-toolchain.sh)
 #   CUDA_TOOLKIT    a toolkit folder from scripts/cuda-toolchain.sh, used when no nvcc is on PATH (nothing is
 #                   downloaded: the folder must already hold bin/nvcc)
 #   DTYPE           f16 (default) or bf16
@@ -54,14 +59,16 @@ else
     imago=target/release/imago
 fi
 "$imago" --version
+missing=$(ldd "$imago" | grep 'not found' || true)
+[ -z "$missing" ] || die "libraries the binary needs are missing:"$'\n'"$missing"
 
-# 2. random-weight folders with the published architectures, written once (4.3 and 5.2 GB of f32)
+# 2. random-weight folders with the published architectures (4.3 and 5.2 GB of f32), each written before its runs
 models=$(mktemp -d)
 trap 'rm -rf "$models"' EXIT
-for family in sd15 sd-turbo; do
-    log "writing full-size $family"
-    "$imago" dev tiny-model --full-size --family "$family" "$models/$family"
-done
+write_model() {
+    log "writing full-size $1"
+    "$imago" dev tiny-model --full-size --family "$1" "$models/$1"
+}
 
 # 3. the runs: model, steps, batch, iterations
 bench() {
@@ -71,8 +78,20 @@ bench() {
         --steps "$steps" --batch "$batch" --iterations "$iterations" --warmup 1 \
         --json "$out/$family-b$batch.json" || log "bench $family batch $batch failed"
 }
-bench sd15 "$sd15_steps" 1 3
+write_model sd15
+if python3 -c 'import diffusers, torch; assert torch.cuda.is_available()' 2>/dev/null; then
+    log "sd15 beside diffusers, $sd15_steps steps, batch 1"
+    python3 tools/bench/side_by_side.py compare --imago "$imago" --model "$models/sd15" --label "SD 1.5 (random)" \
+        --size 512x512 --steps "$sd15_steps" --scheduler dpm++2m --guidance 7.5 --device cuda --dtype "$dtype" \
+        --rounds 2 --iterations 3 --warmup 1 --markdown "$out/side-by-side.md" --reports "$out/side-by-side" ||
+        log "side-by-side failed"
+else
+    log "no diffusers with CUDA here: imago alone"
+    bench sd15 "$sd15_steps" 1 3
+fi
 bench sd15 "$sd15_steps" 4 2
+rm -rf "${models:?}/sd15"
+write_model sd-turbo
 bench sd-turbo 1 1 10
 bench sd-turbo 1 4 10
 
@@ -80,7 +99,8 @@ bench sd-turbo 1 4 10
 log "summary (it/s, images/s, UNet step ms, p50 job ms, % of peak, peak GPU GiB)"
 python3 - "$out" <<'EOF'
 import glob, json, os, sys
-for path in sorted(glob.glob(os.path.join(sys.argv[1], "*.json"))):
+paths = glob.glob(os.path.join(sys.argv[1], "*.json")) + glob.glob(os.path.join(sys.argv[1], "side-by-side", "imago-*"))
+for path in sorted(paths):
     report = json.load(open(path))
     r = report.get("results")
     if r is None:
@@ -91,4 +111,5 @@ for path in sorted(glob.glob(os.path.join(sys.argv[1], "*.json"))):
           f"step {r['unet_step_ms']['median']:.2f} ms, p50 {r['job_latency_ms']['p50']:.0f} ms, "
           f"{r['percent_of_peak'] or 0:.1f} % of peak, GPU {gpu / 2**30 if gpu else 0:.1f} GiB")
 EOF
+[ -f "$out/side-by-side.md" ] && cat "$out/side-by-side.md"
 log "done"

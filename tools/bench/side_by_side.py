@@ -1,4 +1,4 @@
-"""imago beside HF diffusers on the CPU: the same model folders, the same workload, runs interleaved.
+"""imago beside HF diffusers on the CPU or a CUDA GPU: the same model folders, the same workload, runs interleaved.
 
 Usage:
   side_by_side.py make-sd15 OUT --tokenizer DIR
@@ -6,15 +6,18 @@ Usage:
       768) and random weights, f32 safetensors, using diffusers and transformers themselves. DIR is a CLIP tokenizer
       folder (vocab.json + merges.txt), e.g. the `tokenizer/` of a folder written by `imago dev tiny-model`.
   side_by_side.py compare --imago BIN --model DIR --label NAME [--size WxH --steps N --guidance G --scheduler S
-                          --batch B --threads T --rounds R --iterations N --warmup W --markdown FILE]
+                          --batch B --threads T --rounds R --iterations N --warmup W --markdown FILE
+                          --device cpu|cuda --dtype f32|f16|bf16 --reports DIR]
       Runs R rounds of (imago, diffusers), each a fresh process with W warm-up and N measured iterations at T
       threads, pools the samples of all rounds and prints the median of each stage (text encode, one denoising
-      step, VAE decode) with the ratio imago / diffusers. Appends the table to FILE when given.
+      step, VAE decode) with the ratio imago / diffusers. Appends the table to FILE when given; keeps each
+      process's JSON report (imago's has throughput, peak memory and TFLOP/s) in DIR when given.
   side_by_side.py diffusers-run ...   (one diffusers process; called by compare)
 
 Stage boundaries on the diffusers side: `encode_prompt` (prompt and negative prompt, as imago's text stage), from
 the first UNet call to the end of the last scheduler step divided by the step count (as imago's denoising step: UNet,
-guidance, scheduler), and `vae.decode`.
+guidance, scheduler), and `vae.decode`. On CUDA each boundary waits for the GPU (`torch.cuda.synchronize`), as
+imago's stage timers do, so a stage is charged for its kernels and not for their launch.
 """
 
 import argparse
@@ -29,6 +32,7 @@ import time
 PROMPT = "a photograph of an astronaut riding a horse"
 STAGES = ("text_encode_ms", "unet_step_ms", "vae_decode_ms")
 STAGE_NAMES = {"text_encode_ms": "text encode", "unet_step_ms": "denoising step", "vae_decode_ms": "VAE decode"}
+DTYPES = ("f32", "f16", "bf16")
 
 
 def make_sd15(out, tokenizer_dir):
@@ -89,30 +93,38 @@ def diffusers_run(args):
 
     torch.set_num_threads(args.threads)
     width, height = parse_size(args.size)
-    pipe = DiffusionPipeline.from_pretrained(args.model, torch_dtype=torch.float32)
+    dtype = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
+    pipe = DiffusionPipeline.from_pretrained(args.model, torch_dtype=dtype).to(args.device)
     pipe.set_progress_bar_config(disable=True)
     cls, extra = scheduler_class(args.scheduler)
     pipe.scheduler = cls.from_config(pipe.scheduler.config, **extra)
 
     marks = {}
 
+    def now():
+        """The time once the GPU has finished what was queued: CUDA kernels run asynchronously."""
+        if args.device.startswith("cuda"):
+            torch.cuda.synchronize()
+        return time.perf_counter()
+
     def timed(name, fn):
         def wrapper(*a, **k):
-            started = time.perf_counter()
+            started = now()
             out = fn(*a, **k)
-            marks[name] = marks.get(name, 0.0) + time.perf_counter() - started
+            marks[name] = marks.get(name, 0.0) + now() - started
             return out
         return wrapper
 
     pipe.encode_prompt = timed("text", pipe.encode_prompt)
     pipe.vae.decode = timed("decode", pipe.vae.decode)
     def unet_start(_module, _args):
-        marks.setdefault("denoise_start", time.perf_counter())  # the first call of the generation
+        if "denoise_start" not in marks:
+            marks["denoise_start"] = now()  # the first call of the generation
 
     pipe.unet.register_forward_pre_hook(unet_start)
 
     def step_end(_pipe, _step, _t, kwargs):
-        marks["denoise_end"] = time.perf_counter()
+        marks["denoise_end"] = now()
         return kwargs
 
     samples = {stage: [] for stage in STAGES}
@@ -148,7 +160,7 @@ def run_imago(args, out):
     cmd = [args.imago, "bench", "--model", args.model, "--width", str(width), "--height", str(height),
            "--steps", str(args.steps), "--guidance", str(args.guidance), "--scheduler", args.scheduler,
            "--batch", str(args.batch), "--iterations", str(args.iterations), "--warmup", str(args.warmup),
-           "--json", out]
+           "--device", args.device, "--dtype", args.dtype, "--json", out]
     env = dict(os.environ, RAYON_NUM_THREADS=str(args.threads))
     run_quietly(cmd, env)
     with open(out) as f:
@@ -160,7 +172,7 @@ def run_diffusers(args, out):
     cmd = [sys.executable, os.path.abspath(__file__), "diffusers-run", "--model", args.model, "--size", args.size,
            "--steps", str(args.steps), "--guidance", str(args.guidance), "--scheduler", args.scheduler,
            "--batch", str(args.batch), "--iterations", str(args.iterations), "--warmup", str(args.warmup),
-           "--threads", str(args.threads), "--out", out]
+           "--threads", str(args.threads), "--device", args.device, "--dtype", args.dtype, "--out", out]
     run_quietly(cmd, os.environ)
     with open(out) as f:
         report = json.load(f)
@@ -171,6 +183,9 @@ def compare(args):
     pooled = {"imago": {s: [] for s in STAGES}, "diffusers": {s: [] for s in STAGES}}
     versions = {}
     with tempfile.TemporaryDirectory() as tmp:
+        if args.reports:
+            os.makedirs(args.reports, exist_ok=True)
+            tmp = args.reports
         for r in range(args.rounds):
             for name, run in (("imago", run_imago), ("diffusers", run_diffusers)):
                 samples, info = run(args, os.path.join(tmp, f"{name}-{r}.json"))
@@ -186,8 +201,9 @@ def compare(args):
         rows.append(f"| {args.label} | {args.size} | {STAGE_NAMES[stage]} | {mine:.2f} | {theirs:.2f} | "
                     f"{mine / theirs:.2f}× |")
     samples = len(pooled["imago"][STAGES[0]])
+    where = f"{args.threads} threads" if args.device == "cpu" else args.device
     header = (f"{args.label}: {args.size}, {args.steps} steps {args.scheduler}, guidance {args.guidance}, "
-              f"batch {args.batch}, {args.threads} threads; median of {samples} samples per side "
+              f"batch {args.batch}, {args.dtype}, {where}; median of {samples} samples per side "
               f"({args.rounds} interleaved rounds × {args.iterations}); imago {versions['imago']}, "
               f"torch {versions['torch']}, diffusers {versions['diffusers']}")
     table = "\n".join([header, "", "| model | size | stage | imago ms | diffusers ms | imago / diffusers |",
@@ -215,11 +231,14 @@ def main():
         p.add_argument("--threads", type=int, default=os.cpu_count())
         p.add_argument("--iterations", type=int, default=3)
         p.add_argument("--warmup", type=int, default=1)
+        p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+        p.add_argument("--dtype", choices=DTYPES, default="f32")
         if name == "compare":
             p.add_argument("--imago", required=True)
             p.add_argument("--label", required=True)
             p.add_argument("--rounds", type=int, default=3)
             p.add_argument("--markdown")
+            p.add_argument("--reports")
         else:
             p.add_argument("--out", required=True)
     args = parser.parse_args()
