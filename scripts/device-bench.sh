@@ -62,7 +62,27 @@ fi
 missing=$(ldd "$imago" | grep 'not found' || true)
 [ -z "$missing" ] || die "libraries the binary needs are missing:"$'\n'"$missing"
 
-# 2. random-weight folders with the published architectures (4.3 and 5.2 GB of f32), each written before its runs
+# 2. correctness before speed: the embedded model (all of its convolutions take the cuBLAS product path) must draw
+# on the GPU, in f32, the pictures it draws on the CPU, up to rounding
+export IMAGO_DEFAULT_MODEL=${IMAGO_DEFAULT_MODEL:-$PWD/models/default}
+for device in cpu cuda; do
+    "$imago" generate "a red square on a white background" --seed 7 --batch 4 --device "$device" --dtype f32 \
+        --no-metadata -o "$out/default-$device.png" >/dev/null || log "generate on $device failed"
+done
+python3 - "$out" <<'EOF' || log "the GPU's pictures differ from the CPU's"
+import sys
+import numpy as np
+from PIL import Image
+out = sys.argv[1]
+worst = 0.0
+for i in range(4):
+    cpu, gpu = (np.asarray(Image.open(f"{out}/default-{d}-{i}.png"), dtype=np.float64) for d in ("cpu", "cuda"))
+    worst = max(worst, np.abs(cpu - gpu).mean())
+print(f"embedded model, CPU against CUDA (f32): mean absolute pixel difference {worst:.3f} of 255 (worst of 4)")
+sys.exit(0 if worst < 2.0 else 1)
+EOF
+
+# 3. random-weight folders with the published architectures (4.3 and 5.2 GB of f32), each written before its runs
 models=$(mktemp -d)
 trap 'rm -rf "$models"' EXIT
 write_model() {
@@ -70,7 +90,7 @@ write_model() {
     "$imago" dev tiny-model --full-size --family "$1" "$models/$1"
 }
 
-# 3. the runs: model, steps, batch, iterations
+# 4. the runs: model, steps, batch, iterations
 bench() {
     local family=$1 steps=$2 batch=$3 iterations=$4
     log "bench $family, $steps steps, batch $batch"
@@ -95,7 +115,7 @@ write_model sd-turbo
 bench sd-turbo 1 1 10
 bench sd-turbo 1 4 10
 
-# 4. one line per run, last, so it is what a truncated log shows
+# 5. one line per run, last, so it is what a truncated log shows
 log "summary (it/s, images/s, UNet step ms, p50 job ms, % of peak, peak GPU GiB)"
 python3 - "$out" <<'EOF'
 import glob, json, os, sys
