@@ -263,6 +263,19 @@ mod tests {
         Conv2dConfig { padding, ..Default::default() }
     }
 
+    /// candle's own kernel on the kernel as loaded (not a rearranged view of it).
+    fn candles_convolution(conv: &Conv2d, xs: &Tensor) -> Tensor {
+        let original = conv.inner.weight().contiguous().unwrap();
+        candle_nn::Conv2d::new(original, conv.inner.bias().cloned(), *conv.inner.config()).forward(xs).unwrap()
+    }
+
+    /// Largest difference relative to the output's scale: Winograd's transforms round more than a direct sum does.
+    fn relative_error(got: &Tensor, expected: &Tensor) -> f32 {
+        assert_eq!(got.dims(), expected.dims());
+        let scale = expected.abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
+        max_diff(got, expected) / scale
+    }
+
     #[test]
     fn every_method_equals_candles_convolution_with_the_original_kernel() {
         let cases = [
@@ -283,15 +296,7 @@ mod tests {
             let conv = layer(cin, cout, k, config);
             let xs = Tensor::randn(0f32, 1.0, (2, cin, size, size), &Device::Cpu).unwrap();
             assert_eq!(conv.method(&xs).unwrap(), method, "k {k} size {size}");
-            // candle's own kernel, on the kernel as loaded (not the rearranged view)
-            let original = conv.inner.weight().contiguous().unwrap();
-            let reference = candle_nn::Conv2d::new(original, conv.inner.bias().cloned(), config);
-            let expected = reference.forward(&xs).unwrap();
-            let got = conv.forward(&xs).unwrap();
-            assert_eq!(got.dims(), expected.dims(), "{method:?}");
-            // relative to the output's scale: Winograd's transforms round more than a direct sum does
-            let scale = expected.abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
-            let error = max_diff(&got, &expected) / scale;
+            let error = relative_error(&conv.forward(&xs).unwrap(), &candles_convolution(&conv, &xs));
             assert!(error < 1e-5, "{method:?} k {k}: relative error {error}");
         }
     }
@@ -302,13 +307,7 @@ mod tests {
         for (k, pad, cin, size, cout) in [(1, 0, 6, 5, 8), (3, 1, 6, 7, 16), (3, 0, 5, 6, 4), (3, 1, 32, 8, 24)] {
             let conv = layer(cin, cout, k, padded(pad));
             let xs = Tensor::randn(0f32, 1.0, (2, cin, size, size), &Device::Cpu).unwrap();
-            let original = conv.inner.weight().contiguous().unwrap();
-            let reference = candle_nn::Conv2d::new(original, conv.inner.bias().cloned(), padded(pad));
-            let expected = reference.forward(&xs).unwrap();
-            let got = conv.forward_unfolded(&xs).unwrap();
-            assert_eq!(got.dims(), expected.dims(), "k {k} pad {pad}");
-            let scale = expected.abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
-            let error = max_diff(&got, &expected) / scale;
+            let error = relative_error(&conv.forward_unfolded(&xs).unwrap(), &candles_convolution(&conv, &xs));
             assert!(error < 1e-5, "k {k} pad {pad} size {size}: relative error {error}");
         }
     }
@@ -331,9 +330,7 @@ mod tests {
         let strided = layer(6, 64, 3, Conv2dConfig { padding: 1, stride: 2, ..Default::default() });
         let xs = Tensor::randn(0f32, 1.0, (1, 6, 8, 8), &Device::Cpu).unwrap();
         assert_eq!(strided.method(&xs).unwrap(), Method::Candle);
-        let original = strided.inner.weight().contiguous().unwrap();
-        let reference = candle_nn::Conv2d::new(original, strided.inner.bias().cloned(), *strided.inner.config());
-        assert!(max_diff(&strided.forward(&xs).unwrap(), &reference.forward(&xs).unwrap()) < 1e-5);
+        assert!(max_diff(&strided.forward(&xs).unwrap(), &candles_convolution(&strided, &xs)) < 1e-5);
 
         let varmap = candle_nn::VarMap::new();
         let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
