@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# GPU benchmark for a machine with an NVIDIA GPU and no network (e.g. an H200 lent for a few minutes): builds imago
+# GPU benchmark for a machine with an NVIDIA GPU and no network (e.g. a cloud H200): builds imago
 # with CUDA, writes random-weight folders with the full SD 1.5 and SD-Turbo architectures once, and runs
 # `imago bench` on each at batch 1 and 4. Where python3 can import diffusers (and torch with CUDA), SD 1.5 at batch 1
 # runs side by side with diffusers on the same folder (tools/bench/side_by_side.py, interleaved). About 8 minutes
