@@ -11,7 +11,8 @@ use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::VarBuilder;
 use rayon::prelude::*;
 
-use super::host::{is_cpu_f32_inference, with_f32_slice};
+use super::activation::silu_value;
+use super::host::{is_cpu_f32_inference, vectorized, with_f32_slice};
 
 /// `torch.nn.GroupNorm`: per image and group of channels, normalise to zero mean and unit variance, then scale
 /// and shift per channel.
@@ -92,15 +93,19 @@ fn normalise_group(x: &[f32], out: &mut [f32], plane: usize, scale: &[f32], shif
         let a = (scale[c] as f64 * inv_std) as f32;
         let b = (shift[c] as f64 - mean * scale[c] as f64 * inv_std) as f32;
         if silu {
-            for (o, &v) in out.iter_mut().zip(x) {
-                let y = v * a + b;
-                *o = y / (1.0 + (-y).exp());
-            }
+            vectorized!(affine_silu_line(x, out, a, b));
         } else {
             for (o, &v) in out.iter_mut().zip(x) {
                 *o = v * a + b;
             }
         }
+    }
+}
+
+#[inline(always)]
+fn affine_silu_line(x: &[f32], out: &mut [f32], a: f32, b: f32) {
+    for (o, &v) in out.iter_mut().zip(x) {
+        *o = silu_value(v * a + b);
     }
 }
 
