@@ -12,11 +12,30 @@ use std::sync::OnceLock;
 use imago::diffusion::model::{DiffusionModel, LoadOptions};
 use imago::diffusion::tiny::{write_tiny_model, TinyFamily, TinyOptions};
 
+/// Where this test binary's miniatures live; removed when the process exits.
+static FIXTURE_ROOT: OnceLock<PathBuf> = OnceLock::new();
+
+/// A static is never dropped, so a `TempDir` held in one would leak its folder (tens of MB per test binary, per
+/// run). The C library's exit handlers run when the test harness returns from `main`, whatever the tests did.
+extern "C" fn remove_fixture_root() {
+    if let Some(root) = FIXTURE_ROOT.get() {
+        let _ = std::fs::remove_dir_all(root);
+    }
+}
+
+fn fixture_root() -> &'static Path {
+    FIXTURE_ROOT.get_or_init(|| {
+        let root = tempfile::Builder::new().prefix("imago-test-models-").tempdir().expect("temp dir").keep();
+        // SAFETY: registers a plain function with no arguments; it only reads a static that is set by now.
+        let registered = unsafe { libc::atexit(remove_fixture_root) };
+        assert_eq!(registered, 0, "atexit");
+        root
+    })
+}
+
 /// The miniature of `family` written with seed 0 (and fp16 variants), shared by all tests of a binary.
 pub fn tiny_model_dir(family: TinyFamily) -> PathBuf {
-    static DIRS: OnceLock<tempfile::TempDir> = OnceLock::new();
-    let root = DIRS.get_or_init(|| tempfile::tempdir().expect("temp dir"));
-    let dir = root.path().join(family.name());
+    let dir = fixture_root().join(family.name());
     static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
     let _guard = LOCK.lock().unwrap_or_else(|e| e.into_inner());
     if !dir.join("model_index.json").is_file() {
