@@ -200,3 +200,27 @@ fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
         }
     }
 }
+
+/// The shared miniatures live in a folder held by a static, which Rust never drops: without the exit handler in
+/// `common`, every test binary would leave tens of MB in the temp directory on every run (it filled CI's disk).
+/// Runs this binary again as a child that writes a miniature, then checks the child's temp directory is empty.
+#[test]
+fn shared_miniatures_are_deleted_when_the_test_process_exits() {
+    const CHILD: &str = "IMAGO_TEST_FIXTURE_CHILD";
+    if std::env::var_os(CHILD).is_some() {
+        let dir = tiny_model_dir(TinyFamily::SdTurbo);
+        assert!(dir.join("model_index.json").is_file());
+        return;
+    }
+    let temp = tempfile::tempdir().unwrap();
+    let status = std::process::Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", "shared_miniatures_are_deleted_when_the_test_process_exits", "--test-threads", "1"])
+        .env(CHILD, "1")
+        .env("TMPDIR", temp.path())
+        .stdout(std::process::Stdio::null())
+        .status()
+        .unwrap();
+    assert!(status.success(), "the child test failed: {status}");
+    let left: Vec<_> = std::fs::read_dir(temp.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+    assert!(left.is_empty(), "left behind in the temp directory: {left:?}");
+}
