@@ -26,7 +26,7 @@ extern "C" fn remove_fixture_root() {
 fn fixture_root() -> &'static Path {
     FIXTURE_ROOT.get_or_init(|| {
         let root = tempfile::Builder::new().prefix("imago-test-models-").tempdir().expect("temp dir").keep();
-        // SAFETY: registers a plain function with no arguments; it only reads a static that is set by now.
+        // SAFETY: registers a plain function with no arguments; when it runs, at exit, it only reads the static.
         let registered = unsafe { libc::atexit(remove_fixture_root) };
         assert_eq!(registered, 0, "atexit");
         root
