@@ -1,5 +1,5 @@
-//! 2-D convolution: matrix products of our own for inference, candle's kernels (cuDNN on CUDA) for the rest and
-//! while training.
+//! 2-D convolution: matrix products of our own for inference and training, candle's kernels (cuDNN on CUDA) for
+//! the rest.
 //!
 //! candle 0.11's CPU `conv2d` rearranges the whole kernel and the input on every call, then builds im2col tiles
 //! element by element before its matrix products: at a UNet's deep layers (1280 channels at 8×8 pixels, a 59 MB
@@ -15,6 +15,12 @@
 //!   reading the zero-padded input at the tap's offset in place (the rows computed are padded-width long; the extra
 //!   columns are dropped), summed;
 //! - anything else (strides, small layers) with candle's kernel.
+//!
+//! While training (a tracked input or kernel), stride-1 layers unfold the whole batch into one product
+//! ([`Method::Folded`]) built from tensor operations, so that autograd differentiates matrix products. candle's own
+//! backward pass for a convolution is a direct transposed convolution for the input's gradient and one small product
+//! per input channel for the kernel's; the folded form made the default model's training steps 1.4× (UNet) and
+//! 1.75× (VAE) faster on one core.
 //!
 //! Each image of a batch gets products of the shapes it would get alone. Results differ from candle's by the order
 //! of f32 additions and, on the Winograd path, by the transforms' rounding (up to about 1e-5 of the output's scale).
@@ -39,7 +45,7 @@ use candle_nn::{Conv2dConfig, VarBuilder};
 /// A `Conv2d` with the same weights and names as `candle_nn::Conv2d`.
 #[derive(Debug, Clone)]
 pub struct Conv2d {
-    /// candle's convolution, for GPUs, training and strided or dilated convolutions. On the CPU its kernel is a
+    /// candle's convolution, for GPUs and for strided or dilated convolutions. On the CPU its kernel is a
     /// view of `taps_first`, so the weights are held once.
     inner: candle_nn::Conv2d,
     /// CPU inference only: the kernel as (out channels, k·k, in channels), contiguous.
@@ -89,6 +95,8 @@ enum Method {
     TapProducts,
     /// CUDA: the kernel as stored, (out, in·k·k), times the unfolded input, one product per image.
     Unfolded,
+    /// Training: the kernel as stored times the unfolded input of the whole batch, one product.
+    Folded,
 }
 
 impl Conv2d {
@@ -114,8 +122,11 @@ impl Conv2d {
         let plain = config.groups == 1 && config.dilation == 1 && config.stride == 1;
         let (_, in_channels, height, width) = xs.dims4()?;
         let (k, pad) = (self.kernel_size, config.padding);
-        if !plain || xs.track_op() || self.inner.weight().track_op() || height + 2 * pad < k || width + 2 * pad < k {
+        if !plain || height + 2 * pad < k || width + 2 * pad < k {
             return Ok(Method::Candle);
+        }
+        if xs.track_op() || self.inner.weight().track_op() {
+            return Ok(Method::Folded);
         }
         let pixels = (height + 2 * pad + 1 - k) * (width + 2 * pad + 1 - k);
         if xs.device().is_cuda() {
@@ -197,7 +208,7 @@ impl Conv2d {
                 sum.reshape((batch, out_channels, out_h, padded_w))?.narrow(3, 0, out_w)?.contiguous()?
             }
             Method::Winograd => return winograd::conv3x3(xs, taps_first, self.inner.bias(), pad),
-            Method::Candle | Method::Unfolded => return self.inner.forward(xs),
+            Method::Candle | Method::Unfolded | Method::Folded => return self.inner.forward(xs),
         };
         self.add_bias(out)
     }
@@ -223,6 +234,34 @@ impl Conv2d {
         self.add_bias(Self::product(&kernel, &columns)?.reshape((batch, out_channels, out_h, out_w))?)
     }
 
+    /// [`Method::Folded`]: im2col with the batch folded into the columns, (in·k·k, batch·pixels), so that the
+    /// forward pass is one product and autograd's gradients are two more. candle's own backward pass runs a direct
+    /// transposed convolution and one small product per input channel, and a per-image product would need a sum
+    /// over the broadcast kernel's batch axis, which candle's reductions do slowly.
+    fn forward_folded(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
+        let (batch, in_channels, height, width) = xs.dims4()?;
+        let weight = self.inner.weight();
+        let out_channels = weight.dim(0)?;
+        let (k, pad) = (self.kernel_size, self.inner.config().padding);
+        let (out_h, out_w) = (height + 2 * pad + 1 - k, width + 2 * pad + 1 - k);
+        let channels_first = xs.transpose(0, 1)?;
+        let columns = if k == 1 && pad == 0 {
+            channels_first.contiguous()?.reshape((in_channels, batch * height * width))?
+        } else {
+            let padded = channels_first.pad_with_zeros(2, pad, pad)?.pad_with_zeros(3, pad, pad)?;
+            let shifted = (0..k * k)
+                .map(|t| padded.narrow(2, t / k, out_h)?.narrow(3, t % k, out_w))
+                .collect::<candle_core::Result<Vec<_>>>()?;
+            Tensor::stack(&shifted, 1)?.reshape((in_channels * k * k, batch * out_h * out_w))?
+        };
+        let mut out = weight.reshape((out_channels, in_channels * k * k))?.matmul(&columns)?;
+        if let Some(bias) = self.inner.bias() {
+            // Added here, where its gradient is a sum along contiguous rows.
+            out = out.broadcast_add(&bias.reshape((out_channels, 1))?)?;
+        }
+        out.reshape((out_channels, batch, out_h, out_w))?.transpose(0, 1)?.contiguous()
+    }
+
     fn add_bias(&self, out: Tensor) -> candle_core::Result<Tensor> {
         match self.inner.bias() {
             Some(bias) => out.broadcast_add(&bias.reshape((1, (), 1, 1))?),
@@ -236,6 +275,7 @@ impl Module for Conv2d {
         match (&self.taps_first, self.method(xs)?) {
             (_, Method::Candle) => self.inner.forward(xs),
             (_, Method::Unfolded) => self.forward_unfolded(xs),
+            (_, Method::Folded) => self.forward_folded(xs),
             (Some(taps_first), method) => self.forward_cpu(xs, taps_first, method),
             (None, _) => self.inner.forward(xs),
         }
@@ -328,16 +368,55 @@ mod tests {
     }
 
     #[test]
-    fn strides_small_layers_and_tracked_weights_keep_candles_kernel() {
+    fn strides_and_small_layers_keep_candles_kernel_and_training_folds() {
         let strided = layer(6, 64, 3, Conv2dConfig { padding: 1, stride: 2, ..Default::default() });
         let xs = Tensor::randn(0f32, 1.0, (1, 6, 8, 8), &Device::Cpu).unwrap();
         assert_eq!(strided.method(&xs).unwrap(), Method::Candle);
         assert!(max_diff(&strided.forward(&xs).unwrap(), &candles_convolution(&strided, &xs)) < 1e-5);
 
         let varmap = candle_nn::VarMap::new();
-        let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
-        let training = conv2d(6, 64, 3, padded(1), vb).unwrap();
+        let training = conv2d(6, 64, 3, padded(1), vb_for(&varmap).pp("plain")).unwrap();
         assert!(training.taps_first.is_none());
-        assert_eq!(training.method(&xs).unwrap(), Method::Candle);
+        assert_eq!(training.method(&xs).unwrap(), Method::Folded);
+        let strided_config = Conv2dConfig { padding: 1, stride: 2, ..Default::default() };
+        let strided_training = conv2d(6, 64, 3, strided_config, vb_for(&varmap).pp("strided")).unwrap();
+        assert_eq!(strided_training.method(&xs).unwrap(), Method::Candle);
+    }
+
+    fn vb_for(varmap: &candle_nn::VarMap) -> VarBuilder<'static> {
+        VarBuilder::from_varmap(varmap, DType::F32, &Device::Cpu)
+    }
+
+    /// The training path's output and its gradients for the input, the kernel and the bias, against candle's
+    /// convolution and candle's own backward pass for it.
+    #[test]
+    fn the_folded_product_and_its_gradients_equal_candles() {
+        for (k, pad, cin, size, cout) in [(3, 1, 6, 8, 16), (3, 0, 5, 7, 4), (1, 0, 8, 5, 12), (3, 1, 16, 4, 32)] {
+            let varmap = candle_nn::VarMap::new();
+            let ours = conv2d(cin, cout, k, padded(pad), vb_for(&varmap).pp("conv")).unwrap();
+            let weight = ours.inner.weight().clone();
+            let bias = ours.inner.bias().unwrap().clone();
+            // The bias starts at zero: give it values so that its gradient's path matters.
+            let vars = varmap.all_vars();
+            for var in &vars {
+                var.set(&Tensor::randn(0f32, 0.3, var.shape(), &Device::Cpu).unwrap()).unwrap();
+            }
+            let candles = candle_nn::Conv2d::new(weight.clone(), Some(bias.clone()), padded(pad));
+            let input = candle_core::Var::randn(0f32, 1.0, (3, cin, size, size), &Device::Cpu).unwrap();
+            assert_eq!(ours.method(input.as_tensor()).unwrap(), Method::Folded);
+
+            let ours_out = ours.forward(input.as_tensor()).unwrap();
+            let candles_out = candles.forward(input.as_tensor()).unwrap();
+            assert!(relative_error(&ours_out, &candles_out) < 1e-5, "k {k} size {size}: forward");
+
+            // A loss that weighs every output differently, so that a transposed or misplaced gradient shows.
+            let probe = Tensor::randn(0f32, 1.0, ours_out.shape(), &Device::Cpu).unwrap();
+            let ours_grads = (ours_out * &probe).unwrap().sum_all().unwrap().backward().unwrap();
+            let candles_grads = (candles_out * &probe).unwrap().sum_all().unwrap().backward().unwrap();
+            for (name, tensor) in [("input", input.as_tensor()), ("weight", &weight), ("bias", &bias)] {
+                let (got, expected) = (ours_grads.get(tensor).unwrap(), candles_grads.get(tensor).unwrap());
+                assert!(relative_error(got, expected) < 1e-5, "k {k} size {size}: gradient of the {name}");
+            }
+        }
     }
 }
