@@ -185,21 +185,15 @@ fn the_default_model_draws_what_the_caption_says() {
     );
     assert!(colour >= 0.9, "colour agrees for {:.1}% of images", 100.0 * colour);
     assert!(pair >= 0.9, "colour and background agree for {:.1}% of images", 100.0 * pair);
+    // Squares are the hard shape: the model rounds their corners, and a square whose bounding box it fills less
+    // than a square's is read as a circle. The shipped model reads 85 % of them here (see
+    // models/default/README.md); the bar leaves a margin for rounding differences between machines.
     for (shape, tally) in Shape::ALL.iter().zip(&by_shape) {
-        if *shape != Shape::Square {
-            assert!(
-                tally.rate(tally.shape) >= 0.9,
-                "{} agrees for {:.1}%",
-                shape.word(),
-                100.0 * tally.rate(tally.shape)
-            );
-        }
+        let bar = if *shape == Shape::Square { 0.8 } else { 0.9 };
+        let rate = tally.rate(tally.shape);
+        assert!(rate >= bar, "{} agrees for {:.1}%", shape.word(), 100.0 * rate);
     }
-    // The target is 90 % for squares too. The model draws them with corners rounded most of the way to a circle
-    // (fill 0.86–0.89 of the bounding box, against 0.95–1.0 for renders blurred by up to 1.3 px), and about half
-    // are read as circles, so the overall bar is the level the shipped model reaches (88 %) less a margin for
-    // rounding differences between machines; see models/default/README.md.
-    assert!(shape >= 0.85, "shape agrees for {:.1}% of images", 100.0 * shape);
+    assert!(shape >= 0.9, "shape agrees for {:.1}% of images", 100.0 * shape);
 }
 
 /// The default model edits too (its VAE has 8 latent channels, not SD's 4): from a rendered picture and a caption

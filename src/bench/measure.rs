@@ -240,7 +240,7 @@ mod tests {
         let report = run(&workload(), BenchOptions { iterations: 2, warmup: 1 }).unwrap();
         assert_eq!(report.failure, None);
         let w = &report.workload;
-        // the embedded model's defaults: 32×32, guidance 4 (so two UNet rows per image)
+        // the embedded model's defaults: 32×32, with guidance (so two UNet rows per image)
         assert_eq!((w.width, w.height, w.steps, w.batch, w.unet_rows_per_step), (32, 32, 2, 2, 4));
         let r = report.results.unwrap();
         assert_eq!(r.samples.job_latency_ms.len(), 2);
