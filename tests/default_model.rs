@@ -3,7 +3,8 @@
 //! fill ratio and vertical skewness of the shape) must agree with the caption. The classifier is first checked on
 //! the training pictures themselves, so a failure points at the model, not at the classifier.
 //!
-//! `cargo test --test default_model -- --nocapture` prints the per-caption table.
+//! `cargo test --test default_model -- --nocapture` prints the per-caption table;
+//! `IMAGO_CONTENT_TEST_FIRST_SEED=7000000` draws the grid from other seeds.
 
 #[path = "default_model/classify.rs"]
 mod classify;
@@ -117,6 +118,12 @@ impl Tally {
 #[test]
 fn the_default_model_draws_what_the_caption_says() {
     let model = model();
+    // Another seed range draws the same grid from other noise, to check that settings chosen on this test are not
+    // fitted to its seeds (models/default/README.md, "shape on held-out seeds").
+    let first_seed = match std::env::var("IMAGO_CONTENT_TEST_FIRST_SEED") {
+        Ok(value) => value.parse::<u64>().expect("IMAGO_CONTENT_TEST_FIRST_SEED is a whole number"),
+        Err(_) => 1000,
+    };
     let mut total = Tally::default();
     let mut by_shape = [Tally::default(); 4];
     for (s, &shape) in Shape::ALL.iter().enumerate() {
@@ -133,7 +140,7 @@ fn the_default_model_draws_what_the_caption_says() {
                     centre: (0.5, 0.5),
                 };
                 let prompt = scene.caption(CaptionParts { size: false, position: false });
-                let seed = 1000 + 100 * (s * 100 + colour * 10 + background) as u64;
+                let seed = first_seed + 100 * (s * 100 + colour * 10 + background) as u64;
                 let request = GenerateRequest { prompt: prompt.clone(), seed, batch: SEEDS, ..Default::default() };
                 let params = model.params(request).unwrap();
                 let images = model.generate(&params, &mut |_| true).unwrap().images;
