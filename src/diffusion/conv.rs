@@ -176,10 +176,7 @@ impl Conv2d {
                 ))?
             }
             Method::StackedTaps => {
-                let padded = xs.pad_with_zeros(2, pad, pad)?.pad_with_zeros(3, pad, pad)?;
-                let shifted = (0..taps)
-                    .map(|t| padded.narrow(2, t / k, out_h)?.narrow(3, t % k, out_w))
-                    .collect::<candle_core::Result<Vec<_>>>()?;
+                let shifted = tap_windows(xs, k, pad, out_h, out_w)?;
                 // (batch, k·k, in channels, out_h, out_w): the kernel's (tap, in channel) order
                 let stacked = Tensor::stack(&shifted, 1)?.reshape((batch, taps * in_channels, out_h * out_w))?;
                 Self::product(&taps_first.reshape((out_channels, taps * in_channels))?, &stacked)?.reshape((
@@ -224,11 +221,11 @@ impl Conv2d {
         let columns = if k == 1 && pad == 0 {
             xs.reshape((batch, in_channels, height * width))?
         } else {
-            let padded = xs.pad_with_zeros(2, pad, pad)?.pad_with_zeros(3, pad, pad)?;
-            let shifted = (0..k * k)
-                .map(|t| padded.narrow(2, t / k, out_h)?.narrow(3, t % k, out_w))
-                .collect::<candle_core::Result<Vec<_>>>()?;
-            Tensor::stack(&shifted, 2)?.reshape((batch, in_channels * k * k, out_h * out_w))?
+            Tensor::stack(&tap_windows(xs, k, pad, out_h, out_w)?, 2)?.reshape((
+                batch,
+                in_channels * k * k,
+                out_h * out_w,
+            ))?
         };
         let kernel = weight.reshape((out_channels, in_channels * k * k))?;
         self.add_bias(Self::product(&kernel, &columns)?.reshape((batch, out_channels, out_h, out_w))?)
@@ -248,11 +245,8 @@ impl Conv2d {
         let columns = if k == 1 && pad == 0 {
             channels_first.contiguous()?.reshape((in_channels, batch * height * width))?
         } else {
-            let padded = channels_first.pad_with_zeros(2, pad, pad)?.pad_with_zeros(3, pad, pad)?;
-            let shifted = (0..k * k)
-                .map(|t| padded.narrow(2, t / k, out_h)?.narrow(3, t % k, out_w))
-                .collect::<candle_core::Result<Vec<_>>>()?;
-            Tensor::stack(&shifted, 1)?.reshape((in_channels * k * k, batch * out_h * out_w))?
+            Tensor::stack(&tap_windows(&channels_first, k, pad, out_h, out_w)?, 1)?
+                .reshape((in_channels * k * k, batch * out_h * out_w))?
         };
         let mut out = weight.reshape((out_channels, in_channels * k * k))?.matmul(&columns)?;
         if let Some(bias) = self.inner.bias() {
@@ -268,6 +262,13 @@ impl Conv2d {
             None => Ok(out),
         }
     }
+}
+
+/// The input's last two axes zero-padded by `pad`, seen through each of the k·k kernel taps (row-major) as an
+/// (out_h, out_w) window: the shifted copies that im2col stacks.
+fn tap_windows(xs: &Tensor, k: usize, pad: usize, out_h: usize, out_w: usize) -> candle_core::Result<Vec<Tensor>> {
+    let padded = xs.pad_with_zeros(2, pad, pad)?.pad_with_zeros(3, pad, pad)?;
+    (0..k * k).map(|t| padded.narrow(2, t / k, out_h)?.narrow(3, t % k, out_w)).collect()
 }
 
 impl Module for Conv2d {
