@@ -7,7 +7,9 @@
 //!   result byte for byte: a copy (a worker killed after answering but before acking; the redelivery answers again
 //!   from the stored result) repeats the one answer and never contradicts it;
 //! - the first message on `imago.results.<id>` is the stored result (later publishes of a job computed twice, when a
-//!   worker presumed dead was only slow, are refused by the stream's deduplication and answer no one).
+//!   worker presumed dead was only slow, are refused by the stream's deduplication and answer no one). Core NATS
+//!   is at most once, so a publish made while the requester itself reconnects after the server restart can be
+//!   missed; only jobs in flight then are excused, and they are counted.
 //!
 //! Copies and extra publishes are counted in the figures.
 //!
@@ -105,6 +107,8 @@ fn strip_colours(text: &str) -> String {
 struct Seen {
     submitted: Option<Instant>,
     replies: Vec<bytes::Bytes>,
+    /// When the first answer (reply or stored result) came.
+    answered_at: Option<Instant>,
     latency: Option<Duration>,
     /// Messages on `imago.results.<id>`: how many, and the first.
     result_publishes: usize,
@@ -156,6 +160,7 @@ async fn every_job_is_stored_once_and_answered_with_it_while_workers_and_the_ser
     let time_limit = Duration::from_secs(120 + jobs as u64 / 2);
     let mut tick = tokio::time::interval(Duration::from_millis(50));
     let mut next_job = 0;
+    let mut requester_offline: Option<(Instant, Instant)> = None;
     while answered < jobs {
         // 1. keep the window full
         while next_job < jobs && outstanding.len() < WINDOW {
@@ -177,6 +182,7 @@ async fn every_job_is_stored_once_and_answered_with_it_while_workers_and_the_ser
                 job.replies.push(message.payload);
                 if job.replies.len() == 1 {
                     last_answer = Instant::now();
+                    job.answered_at = Some(last_answer);
                     job.latency = job.submitted.map(|t| t.elapsed());
                     outstanding.remove(&result.id);
                     answered += 1;
@@ -204,6 +210,7 @@ async fn every_job_is_stored_once_and_answered_with_it_while_workers_and_the_ser
                 if let Some(stored) = queue.existing_result(&id).await {
                     let job = seen.entry(id.clone()).or_default();
                     job.recovered = Some(stored);
+                    job.answered_at = Some(Instant::now());
                     job.latency = job.submitted.map(|t| t.elapsed());
                     outstanding.remove(&id);
                     answered += 1;
@@ -219,8 +226,17 @@ async fn every_job_is_stored_once_and_answered_with_it_while_workers_and_the_ser
             next_kill = Instant::now() + Duration::from_millis(rng.gen_range(500..2500));
         }
         if server_restarts == 0 && answered >= jobs * 2 / 5 {
+            let began = Instant::now();
             server.restart();
             server_restarts += 1;
+            // Until the requester's own connection is back, messages on its subscriptions are lost like replies.
+            let reconnect_by = Instant::now() + Duration::from_secs(10);
+            while queue.client.connection_state() != async_nats::connection::State::Connected
+                && Instant::now() < reconnect_by
+            {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            requester_offline = Some((began, Instant::now()));
         }
         if started.elapsed() > time_limit || last_answer.elapsed() > Duration::from_secs(30) {
             let consumer = queue.consumer.clone().info().await.map(|i| format!("{i:?}")).unwrap_or_default();
@@ -276,11 +292,17 @@ async fn every_job_is_stored_once_and_answered_with_it_while_workers_and_the_ser
     let recomputed: usize = seen.values().map(|s| s.starts.saturating_sub(1)).sum();
     let duplicate_publishes: usize = seen.values().map(|s| s.result_publishes.saturating_sub(1)).sum();
     let duplicate_replies: usize = seen.values().map(|s| s.replies.len().saturating_sub(1)).sum();
+    // A job in flight while the requester was cut off by the server restart: its result publish may be lost to it.
+    let missed_offline = |job: &Seen| match (requester_offline, job.submitted, job.answered_at) {
+        (Some((began, back)), Some(submitted), Some(answered)) => submitted < back && answered > began,
+        _ => false,
+    };
+    let publishes_missed = seen.values().filter(|s| s.first_publish.is_none() && s.recovered.is_none()).count();
     println!(
         "chaos figures: jobs {jobs} | worker kills {kills} | server restarts {server_restarts} | \
          jobs redelivered {redelivered} | runs repeated {recomputed} | duplicate result publishes \
          {duplicate_publishes} | duplicate replies {duplicate_replies} | answers lost and read from the store \
-         {recovered} | latency p50 {:?} p99 {:?} max {:?} | \
+         {recovered} | result publishes missed while reconnecting {publishes_missed} | latency p50 {:?} p99 {:?} max {:?} | \
          {elapsed:.1?} ({:.1} jobs/s)",
         quantile(&latencies, 0.5),
         quantile(&latencies, 0.99),
@@ -310,7 +332,11 @@ async fn every_job_is_stored_once_and_answered_with_it_while_workers_and_the_ser
         // The first publish seen is the stored one; the requester may have missed it only if it read the store.
         match &job.first_publish {
             Some(first) => assert_eq!(first, &stored, "{id}: the first result published is not the one stored"),
-            None => assert!(job.recovered.is_some(), "{id}: no result published\n{}", fleet.history(id)),
+            None => assert!(
+                job.recovered.is_some() || missed_offline(job),
+                "{id}: no result published\n{}",
+                fleet.history(id)
+            ),
         }
     }
     let results_state = queue.results.clone().info().await.unwrap().state.clone();
