@@ -15,6 +15,7 @@ use std::time::Instant;
 use candle_core::{DType, Tensor};
 use image::{GrayImage, RgbImage};
 
+use super::compute_pool::on_compute_pool;
 use super::model::DiffusionModel;
 use super::pipeline::{
     stage_time, to_u8_pixels, BatchNoise, DenoiseStart, GenerateParams, Generated, InpaintInputs, StageTimings,
@@ -202,8 +203,10 @@ impl DiffusionModel {
     /// Pixels in [-1, 1] → scaled latents, using the posterior mean (deterministic; the SD VAE's posterior spread is
     /// far below what the added noise contributes).
     pub fn encode_latents(&self, pixels: &Tensor) -> Result<Tensor> {
-        let posterior = self.vae.encode(&pixels.to_dtype(self.vae_dtype)?)?;
-        self.vae.scale_latents(&posterior.mean.to_dtype(DType::F32)?)
+        on_compute_pool(&self.device, || {
+            let posterior = self.vae.encode(&pixels.to_dtype(self.vae_dtype)?)?;
+            self.vae.scale_latents(&posterior.mean.to_dtype(DType::F32)?)
+        })
     }
 }
 

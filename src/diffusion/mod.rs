@@ -8,6 +8,7 @@ pub mod schedulers;
 pub use error::{Error, Result};
 mod activation;
 pub mod clip;
+mod compute_pool;
 pub mod config;
 mod conv;
 mod host;

@@ -7,6 +7,7 @@ use candle_core::{DType, Device, Tensor};
 use serde::{Deserialize, Serialize};
 
 use super::clip::ClipTextModel;
+use super::compute_pool::on_compute_pool;
 use super::config::{read_json, ClipTextConfig, ModelIndex, UNetConfig, VaeConfig};
 use super::schedulers::{SchedulerConfig, SchedulerKind};
 use super::tokenizer::{ClipTokenizer, TokenizedPrompt};
@@ -184,7 +185,7 @@ impl DiffusionModel {
             let tokens: TokenizedPrompt = encoder.tokenizer.encode(prompt, encoder.pad_id)?;
             truncated_tokens = truncated_tokens.max(tokens.truncated_tokens);
             let ids = Tensor::new(tokens.ids.as_slice(), &self.device)?.unsqueeze(0)?;
-            let out = encoder.model.forward(&ids, &[tokens.eos_position])?;
+            let out = on_compute_pool(&self.device, || encoder.model.forward(&ids, &[tokens.eos_position]))?;
             contexts.push(match self.architecture {
                 Architecture::StableDiffusion => out.last_hidden,
                 Architecture::StableDiffusionXl => out.penultimate_hidden,

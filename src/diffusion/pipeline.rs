@@ -6,6 +6,7 @@ use candle_core::{DType, Device, Shape, Tensor};
 use serde::Serialize;
 
 use super::batch::PromptEmbeddings;
+use super::compute_pool::on_compute_pool;
 use super::model::{Architecture, DiffusionModel, TextConditioning};
 use super::noise::NoiseSource;
 use super::schedulers::{self, Scheduler, SchedulerKind, StepNoise};
@@ -303,16 +304,18 @@ impl DiffusionModel {
                 input = Tensor::cat(&[&input, &extra], 1)?;
             }
             // 2. predict noise (or v), then apply guidance
-            let prediction = self
-                .unet
-                .forward(&input.to_dtype(self.dtype)?, t, &text.context, text.added.as_ref())?
-                .to_dtype(DType::F32)?;
-            let prediction = if text.guided {
-                let halves = prediction.chunk(2, 0)?;
-                (&halves[0] + ((&halves[1] - &halves[0])? * params.guidance)?)?
-            } else {
-                prediction
-            };
+            let prediction = on_compute_pool(&self.device, || -> Result<Tensor> {
+                let prediction = self
+                    .unet
+                    .forward(&input.to_dtype(self.dtype)?, t, &text.context, text.added.as_ref())?
+                    .to_dtype(DType::F32)?;
+                Ok(if text.guided {
+                    let halves = prediction.chunk(2, 0)?;
+                    (&halves[0] + ((&halves[1] - &halves[0])? * params.guidance)?)?
+                } else {
+                    prediction
+                })
+            })?;
             // 3. scheduler step
             latents = scheduler.step(&prediction, i, &latents, step_noise)?;
             // 4. regular models inpaint by restoring the unmasked region, noised to the next step's level
@@ -334,7 +337,9 @@ impl DiffusionModel {
 
     /// Scaled latents → images in [-1, 1], (batch, 3, h, w), f32.
     pub(crate) fn decode(&self, latents: &Tensor) -> Result<Tensor> {
-        Ok(self.vae.decode(&latents.to_dtype(self.vae_dtype)?)?.to_dtype(DType::F32)?)
+        on_compute_pool(&self.device, || {
+            Ok(self.vae.decode(&latents.to_dtype(self.vae_dtype)?)?.to_dtype(DType::F32)?)
+        })
     }
 }
 
