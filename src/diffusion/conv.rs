@@ -39,7 +39,7 @@
 use candle_core::conv::CudnnFwdAlgo;
 use candle_core::{DType, Module, Tensor};
 
-use super::winograd;
+use super::{few_columns, winograd};
 use candle_nn::{Conv2dConfig, VarBuilder};
 
 /// A `Conv2d` with the same weights and names as `candle_nn::Conv2d`.
@@ -155,9 +155,17 @@ impl Conv2d {
         })
     }
 
-    /// One product per image of `kernel` (out, n) with `input` (batch, n, pixels) → (batch, out, pixels).
+    /// `kernel` (out, n) times each image of `input` (batch, n, pixels) → (batch, out, pixels): one product per
+    /// image, or at a few pixels per image one few-column product for the whole batch (each image still gets the
+    /// bits it gets alone).
     fn product(kernel: &Tensor, input: &Tensor) -> candle_core::Result<Tensor> {
-        kernel.broadcast_left(input.dim(0)?)?.matmul(input)
+        let (batch, n, pixels) = input.dims3()?;
+        if few_columns::applies(kernel, input, pixels) {
+            let columns = input.transpose(1, 2)?.reshape((batch * pixels, n))?;
+            let out = few_columns::rows_times(kernel, &columns)?;
+            return out.reshape((batch, pixels, ()))?.transpose(1, 2)?.contiguous();
+        }
+        kernel.broadcast_left(batch)?.matmul(input)
     }
 
     fn forward_cpu(&self, xs: &Tensor, taps_first: &Tensor, method: Method) -> candle_core::Result<Tensor> {
@@ -321,6 +329,7 @@ mod tests {
     fn every_method_equals_candles_convolution_with_the_original_kernel() {
         let cases = [
             (1, padded(0), 6, 5, 8, Method::Pointwise),
+            (1, padded(0), 6, 2, 8, Method::Pointwise),
             (3, padded(1), 6, 4, 64, Method::StackedTaps),
             (3, padded(0), 6, 4, 64, Method::StackedTaps),
             (3, padded(1), 64, 17, 64, Method::Winograd),
@@ -341,6 +350,20 @@ mod tests {
             // Winograd's transforms round more: up to 1.1e-5 of the output's scale over random draws.
             let tolerance = if method == Method::Winograd { 3e-5 } else { 1e-5 };
             assert!(error < tolerance, "{method:?} k {k}: relative error {error}");
+        }
+    }
+
+    #[test]
+    fn a_few_pixel_convolution_gives_each_image_exactly_what_it_gives_alone() {
+        // 2×2 and 1×1 outputs: the few-column product for the whole batch.
+        for (k, pad, size) in [(3, 1, 2), (3, 0, 3), (1, 0, 2)] {
+            let conv = layer(16, 24, k, padded(pad));
+            let xs = Tensor::randn(0f32, 1.0, (5, 16, size, size), &Device::Cpu).unwrap();
+            let batched = conv.forward(&xs).unwrap();
+            for i in 0..5 {
+                let alone = conv.forward(&xs.narrow(0, i, 1).unwrap()).unwrap();
+                assert_eq!(max_diff(&batched.narrow(0, i, 1).unwrap(), &alone), 0.0, "k {k} size {size} image {i}");
+            }
         }
     }
 

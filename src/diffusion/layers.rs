@@ -5,14 +5,16 @@ use candle_core::{DType, Module, Tensor, D};
 use candle_nn::{Conv2dConfig, VarBuilder};
 
 use super::conv::{conv2d, Conv2d};
+use super::few_columns;
 use super::norm::{group_norm, GroupNorm};
 
 /// A linear layer whose result for one image never depends on the other images of its batch.
 ///
 /// candle's CPU matmul folds a batch into the rows of one product, and gemm chooses its kernel by the row count, so
 /// an image alone and the same image in company round differently. On the CPU each image therefore gets its own
-/// product, the one it would get alone: jobs run together give exactly the images they give alone. (Not while
-/// gradients are tracked: training has no use for it.)
+/// product, the one it would get alone: jobs run together give exactly the images they give alone. A few rows per
+/// image (time embeddings, the lowest resolutions' tokens) take one few-column product for the whole batch, which
+/// is batch-independent by construction. (Not while gradients are tracked: training has no use for it.)
 #[derive(Debug, Clone)]
 pub struct Linear(candle_nn::Linear);
 
@@ -29,6 +31,19 @@ pub fn linear_no_bias(in_dim: usize, out_dim: usize, vb: VarBuilder) -> candle_c
 impl Module for Linear {
     fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
         let batch = xs.dims().first().copied().unwrap_or(1);
+        let in_dim = xs.dim(D::Minus1)?;
+        let weight = self.0.weight();
+        if xs.rank() >= 2 && few_columns::applies(weight, xs, xs.elem_count() / (batch * in_dim).max(1)) {
+            let rows = xs.reshape(((), in_dim))?;
+            let out = few_columns::rows_times(weight, &rows)?;
+            let out = match self.0.bias() {
+                Some(bias) => out.broadcast_add(bias)?,
+                None => out,
+            };
+            let mut dims = xs.dims()[..xs.rank() - 1].to_vec();
+            dims.push(weight.dim(0)?);
+            return out.reshape(dims);
+        }
         if batch <= 1 || !xs.device().is_cpu() || xs.track_op() {
             return self.0.forward(xs);
         }
@@ -357,11 +372,16 @@ mod tests {
         let dev = Device::Cpu;
         let vm = candle_nn::VarMap::new();
         let lin = linear(16, 64, VarBuilder::from_varmap(&vm, DType::F32, &dev)).unwrap();
-        // Row counts where gemm's kernel choice changes with the batch (2-D: one row per image; 3-D: 16 tokens).
-        for xs in
-            [Tensor::randn(0f32, 1.0, (8, 16), &dev).unwrap(), Tensor::randn(0f32, 1.0, (8, 16, 16), &dev).unwrap()]
-        {
+        // Row counts where gemm's kernel choice changes with the batch (2-D: one row per image; 3-D: 16 tokens),
+        // and few rows per image (one few-column product for the batch).
+        for xs in [
+            Tensor::randn(0f32, 1.0, (8, 16), &dev).unwrap(),
+            Tensor::randn(0f32, 1.0, (8, 16, 16), &dev).unwrap(),
+            Tensor::randn(0f32, 1.0, (8, 4, 16), &dev).unwrap(),
+        ] {
             let batched = lin.forward(&xs).unwrap();
+            let plain = lin.0.forward(&xs).unwrap();
+            assert!(max_diff(&batched, &plain) < 1e-5, "the same product as candle's for {:?}", xs.shape());
             for i in 0..8 {
                 let alone = lin.forward(&xs.narrow(0, i, 1).unwrap()).unwrap();
                 assert_eq!(max_diff(&batched.narrow(0, i, 1).unwrap(), &alone), 0.0, "image {i} of {:?}", xs.shape());

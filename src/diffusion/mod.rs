@@ -11,6 +11,7 @@ pub mod clip;
 mod compute_pool;
 pub mod config;
 mod conv;
+mod few_columns;
 mod host;
 mod layers;
 pub mod model;
