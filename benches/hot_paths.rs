@@ -13,6 +13,7 @@ use image::RgbImage;
 use imago::diffusion::image_io::encode_png;
 use imago::diffusion::model::{DiffusionModel, LoadOptions};
 use imago::diffusion::noise::NoiseSource;
+use imago::diffusion::on_compute_pool;
 use imago::diffusion::schedulers::{self, SchedulerKind};
 use imago::diffusion::tiny::{write_tiny_model, TinyFamily, TinyOptions};
 use imago::job::{parse, validate, JobLimits, JobMessage};
@@ -37,12 +38,16 @@ fn model_paths(c: &mut Criterion) {
     // A guided step of a 128×128 image: conditional and unconditional rows together.
     let context = model.encode_prompt(PROMPT, 2, false).expect("prompt").context;
     let latents = noise((2, 4, 16, 16), 1);
+    // On a compute-pool thread, as the pipeline calls the models.
     c.bench_function("unet step: tiny sd15, 2x4x16x16 latents", |b| {
-        b.iter(|| model.unet.forward(black_box(&latents), 500.0, &context, None).expect("unet"))
+        b.iter(|| {
+            on_compute_pool(&Device::Cpu, || model.unet.forward(black_box(&latents), 500.0, &context, None))
+                .expect("unet")
+        })
     });
     let latents = noise((1, 4, 16, 16), 2);
     c.bench_function("vae decode: tiny sd15, 1x4x16x16 latents to 128x128", |b| {
-        b.iter(|| model.vae.decode(black_box(&latents)).expect("decode"))
+        b.iter(|| on_compute_pool(&Device::Cpu, || model.vae.decode(black_box(&latents))).expect("decode"))
     });
 }
 

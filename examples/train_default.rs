@@ -31,8 +31,10 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::Result;
+use candle_core::Device;
 use clap::Parser;
 use imago::diffusion::model::ModelDefaults;
+use imago::diffusion::on_compute_pool;
 use serde_json::json;
 
 use autoencoder::{train_autoencoder, AutoencoderSettings, IMAGE_SIDE};
@@ -178,11 +180,13 @@ fn main() -> Result<()> {
         seed: args.seed,
     };
 
-    let autoencoder = match &args.vae_from {
-        Some(folder) => autoencoder::load_autoencoder(folder, args.seed)?,
-        None => train_autoencoder(vae_settings)?,
-    };
-    let denoiser = train_denoiser(denoiser_settings, &autoencoder)?;
+    // On a compute-pool thread, as the pipeline runs its models: every tensor operation then starts where its
+    // parallel pieces run instead of handing each one over from this thread.
+    let autoencoder = on_compute_pool(&Device::Cpu, || match &args.vae_from {
+        Some(folder) => autoencoder::load_autoencoder(folder, args.seed),
+        None => train_autoencoder(vae_settings),
+    })?;
+    let denoiser = on_compute_pool(&Device::Cpu, || train_denoiser(denoiser_settings, &autoencoder))?;
 
     std::fs::create_dir_all(&args.out)?;
     let defaults = sampling_defaults();

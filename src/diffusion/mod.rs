@@ -5,6 +5,7 @@ mod error;
 pub mod noise;
 pub mod schedulers;
 
+pub use compute_pool::on_compute_pool;
 pub use error::{Error, Result};
 mod activation;
 pub mod clip;
