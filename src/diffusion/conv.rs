@@ -8,13 +8,15 @@
 //! laid out once, taps outermost — (out channels, k·k, in channels) — and computes
 //!
 //! - 1×1 convolutions as one product of the kernel with the input's pixels;
-//! - small outputs (no more pixels than out channels) as one product with the input's k·k shifted copies stacked;
+//! - small outputs (no more pixels than out channels) as one product with the input's k·k shifted copies stacked,
+//!   the whole batch in one few-column product ([`super::few_columns`]) at up to 8 pixels per image;
 //! - larger outputs (from 16×16) of f32 layers with 3×3 kernels and at least 8 in channels by Winograd's F(4×4, 3×3)
 //!   ([`super::winograd`]): 4× fewer multiply-adds than the direct convolution, the VAE decoder's main cost;
 //! - larger outputs of other layers with at least 64 in and out channels as k·k products, one per kernel tap, each
 //!   reading the zero-padded input at the tap's offset in place (the rows computed are padded-width long; the extra
 //!   columns are dropped), summed;
-//! - anything else (strides, small layers) with candle's kernel.
+//! - other small layers (up to [`MAX_STACKED_VALUES`] stacked values) again as one stacked product;
+//! - anything else (strides, larger layers with few channels) with candle's kernel.
 //!
 //! While training (a tracked input or kernel), stride-1 layers unfold the whole batch into one product
 //! ([`Method::Folded`]) built from tensor operations, so that autograd differentiates matrix products. candle's own
@@ -22,7 +24,8 @@
 //! per input channel for the kernel's; the folded form made the default model's training steps 1.4× (UNet) and
 //! 1.75× (VAE) faster on one core.
 //!
-//! Each image of a batch gets products of the shapes it would get alone. Results differ from candle's by the order
+//! Each image of a batch gets the bits it would get alone: products of the shapes it would get alone, or few-column
+//! products, whose sums do not depend on the other columns. Results differ from candle's by the order
 //! of f32 additions and, on the Winograd path, by the transforms' rounding (up to about 1e-5 of the output's scale).
 //!
 //! On CUDA the cost to beat is not arithmetic but the host's time per call. candle asks cuDNN's heuristics for an
@@ -69,9 +72,14 @@ pub fn conv2d(
 /// themselves (a miniature's 16-channel VAE runs faster in candle's kernel).
 const MIN_CHANNELS_FOR_TAP_PRODUCTS: usize = 64;
 
+/// Most values in the stacked copies (k·k · in channels · pixels) for which a layer with more pixels than out
+/// channels, and not taken by Winograd, is still one stacked product: a miniature UNet's 8×8 layers run faster so
+/// than in candle's kernel (UNet step 6.5 → 6.3 ms at 64×64). Larger stacks cost more to copy than they save.
+const MAX_STACKED_VALUES: usize = 1 << 18;
+
 /// Fewest in channels and output pixels for Winograd. Its cost is mostly the transforms, linear in the data, so it
 /// pays off far earlier than the per-tap products (a miniature's 16-channel VAE included), but not on the few
-/// tiles of a small latent, where candle's kernel stays faster.
+/// tiles of a small latent, where the stacked product or candle's kernel stays faster.
 const MIN_CHANNELS_FOR_WINOGRAD: usize = 8;
 const MIN_PIXELS_FOR_WINOGRAD: usize = 256;
 
@@ -148,6 +156,8 @@ impl Conv2d {
         {
             // Its cost is mostly the input's transform, so a few out channels (a VAE's RGB output) still pay off.
             Method::Winograd
+        } else if k * k * in_channels * pixels <= MAX_STACKED_VALUES {
+            Method::StackedTaps
         } else if in_channels.min(out_channels) >= MIN_CHANNELS_FOR_TAP_PRODUCTS {
             Method::TapProducts
         } else {
@@ -337,10 +347,12 @@ mod tests {
             (3, padded(1), 64, 17, 72, Method::Winograd),
             (3, padded(1), 64, 17, 3, Method::Winograd),
             (3, padded(1), 8, 18, 16, Method::Winograd),
-            (3, padded(1), 6, 17, 64, Method::Candle),
-            (3, padded(1), 32, 9, 32, Method::Candle),
-            (5, padded(2), 64, 9, 64, Method::TapProducts),
-            (3, padded(1), 6, 9, 16, Method::Candle),
+            (3, padded(1), 6, 17, 64, Method::StackedTaps),
+            (3, padded(1), 32, 9, 32, Method::StackedTaps),
+            (5, padded(2), 64, 9, 64, Method::StackedTaps),
+            (5, padded(2), 64, 17, 64, Method::TapProducts),
+            (3, padded(1), 6, 9, 16, Method::StackedTaps),
+            (3, padded(1), 6, 72, 16, Method::Candle),
         ];
         for (k, config, cin, size, cout, method) in cases {
             let conv = layer(cin, cout, k, config);
