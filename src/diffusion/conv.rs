@@ -136,7 +136,8 @@ impl Conv2d {
         if xs.track_op() || self.inner.weight().track_op() {
             return Ok(Method::Folded);
         }
-        let pixels = (height + 2 * pad + 1 - k) * (width + 2 * pad + 1 - k);
+        let (out_h, out_w) = self.output_size(height, width);
+        let pixels = out_h * out_w;
         if xs.device().is_cuda() {
             return Ok(if pixels <= MAX_PIXELS_FOR_CUDA_PRODUCTS { Method::Unfolded } else { Method::Candle });
         }
@@ -182,7 +183,7 @@ impl Conv2d {
         let (batch, in_channels, height, width) = xs.dims4()?;
         let (out_channels, taps, _) = taps_first.dims3()?;
         let (k, pad) = (self.kernel_size, self.inner.config().padding);
-        let (out_h, out_w) = (height + 2 * pad + 1 - k, width + 2 * pad + 1 - k);
+        let (out_h, out_w) = self.output_size(height, width);
         let out = match method {
             Method::Pointwise => {
                 let pixels = xs.reshape((batch, in_channels, out_h * out_w))?;
@@ -235,7 +236,7 @@ impl Conv2d {
         let weight = self.inner.weight();
         let out_channels = weight.dim(0)?;
         let (k, pad) = (self.kernel_size, self.inner.config().padding);
-        let (out_h, out_w) = (height + 2 * pad + 1 - k, width + 2 * pad + 1 - k);
+        let (out_h, out_w) = self.output_size(height, width);
         let columns = if k == 1 && pad == 0 {
             xs.reshape((batch, in_channels, height * width))?
         } else {
@@ -258,7 +259,7 @@ impl Conv2d {
         let weight = self.inner.weight();
         let out_channels = weight.dim(0)?;
         let (k, pad) = (self.kernel_size, self.inner.config().padding);
-        let (out_h, out_w) = (height + 2 * pad + 1 - k, width + 2 * pad + 1 - k);
+        let (out_h, out_w) = self.output_size(height, width);
         let channels_first = xs.transpose(0, 1)?;
         let columns = if k == 1 && pad == 0 {
             channels_first.contiguous()?.reshape((in_channels, batch * height * width))?
@@ -272,6 +273,13 @@ impl Conv2d {
             out = out.broadcast_add(&bias.reshape((out_channels, 1))?)?;
         }
         out.reshape((out_channels, batch, out_h, out_w))?.transpose(0, 1)?.contiguous()
+    }
+
+    /// The output's (height, width) for an input of `height` × `width`, at stride 1 (the only stride our own paths
+    /// take); callers have checked that the padded input is at least the kernel's size.
+    fn output_size(&self, height: usize, width: usize) -> (usize, usize) {
+        let (k, pad) = (self.kernel_size, self.inner.config().padding);
+        (height + 2 * pad + 1 - k, width + 2 * pad + 1 - k)
     }
 
     fn add_bias(&self, out: Tensor) -> candle_core::Result<Tensor> {

@@ -18,7 +18,7 @@ use super::host::{is_cpu_f32_inference, with_f32_slice};
 /// Up to this many vectors per image a product takes this path: measured on the UNet's 1280-channel layers at one
 /// and two threads, it takes half of `gemm`'s time for 2 images of 4 vectors and a third for 2 of 1; `gemm` is
 /// ahead from 2 images of 16.
-pub const MAX_VECTORS_PER_IMAGE: usize = 8;
+const MAX_VECTORS_PER_IMAGE: usize = 8;
 
 /// Lanes of one partial sum: one AVX register of f32.
 const LANES: usize = 8;
