@@ -26,7 +26,7 @@ pub fn with_f32_slice<R>(tensor: &Tensor, f: impl FnOnce(&[f32]) -> Result<R>) -
 /// compiler vectorizes; the default x86-64 target only allows 4-lane SSE2. Results are the same either way: no
 /// operation is fused or reordered, only run 8 lanes at a time.
 macro_rules! vectorized {
-    ($body:ident($($arg:expr),* $(,)?)) => {{
+    ($body:ident $(::<$($generic:tt),+>)? ($($arg:expr),* $(,)?)) => {{
         #[cfg(target_arch = "x86_64")]
         {
             // Once inlined into `wide` (the bodies are `#[inline(always)]`), the loops are compiled with AVX2 enabled.
@@ -36,14 +36,14 @@ macro_rules! vectorized {
             }
             if std::arch::is_x86_feature_detected!("avx2") {
                 // SAFETY: the CPU supports AVX2, checked just above.
-                unsafe { wide(|| $body($($arg),*)) }
+                unsafe { wide(|| $body $(::<$($generic),+>)? ($($arg),*)) }
             } else {
-                $body($($arg),*)
+                $body $(::<$($generic),+>)? ($($arg),*)
             }
         }
         #[cfg(not(target_arch = "x86_64"))]
         {
-            $body($($arg),*)
+            $body $(::<$($generic),+>)? ($($arg),*)
         }
     }};
 }
