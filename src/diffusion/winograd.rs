@@ -219,6 +219,13 @@ struct Geometry {
 }
 
 impl Geometry {
+    /// A 3×3 stride-1 convolution's geometry for an input of `height` × `width` zero-padded by `pad`, which the
+    /// caller has checked is at least the kernel's size.
+    fn new(height: usize, width: usize, pad: usize) -> Self {
+        let (out_h, out_w) = (height + 2 * pad - 2, width + 2 * pad - 2);
+        Geometry { height, width, pad, out_h, out_w, tiles_y: out_h.div_ceil(TILE), tiles_x: out_w.div_ceil(TILE) }
+    }
+
     fn tiles(&self) -> usize {
         self.tiles_y * self.tiles_x
     }
@@ -384,10 +391,8 @@ pub fn conv3x3(xs: &Tensor, taps_first: &Tensor, bias: Option<&Tensor>, pad: usi
     if height + 2 * pad < 3 || width + 2 * pad < 3 {
         return Err(candle_core::Error::Msg("convolution input smaller than its kernel".into()));
     }
-    let (out_h, out_w) = (height + 2 * pad - 2, width + 2 * pad - 2);
-    let geometry =
-        Geometry { height, width, pad, out_h, out_w, tiles_y: out_h.div_ceil(TILE), tiles_x: out_w.div_ceil(TILE) };
-    let tiles = geometry.tiles();
+    let geometry = Geometry::new(height, width, pad);
+    let (out_h, out_w, tiles) = (geometry.out_h, geometry.out_w, geometry.tiles());
     // (36, out, in): a view of (out, 36, in), whose rows the matrix product reads with a stride.
     let kernel = transform_kernel(&taps_first.contiguous()?)?.transpose(0, 1)?;
     let bias = match bias {
@@ -471,11 +476,6 @@ mod tests {
         }
     }
 
-    fn geometry(height: usize, width: usize, pad: usize) -> Geometry {
-        let (out_h, out_w) = (height + 2 * pad - 2, width + 2 * pad - 2);
-        Geometry { height, width, pad, out_h, out_w, tiles_y: out_h.div_ceil(TILE), tiles_x: out_w.div_ceil(TILE) }
-    }
-
     /// Row widths whose tiles fill part of a group of lanes, exactly one, one and a part, one wide group, and more.
     const WIDTHS: [usize; 6] = [7, 30, 42, 64, 66, 150];
 
@@ -541,7 +541,7 @@ mod tests {
     #[test]
     fn input_transform_gives_each_tile_its_own_transform_bit_for_bit() {
         for (width, pad) in WIDTHS.into_iter().flat_map(|w| [(w, 0), (w, 1)]) {
-            let geometry = geometry(10, width, pad);
+            let geometry = Geometry::new(10, width, pad);
             let channels = 3;
             let image = values(channels * 10 * width);
             let got = transform_input(&image, channels, geometry);
@@ -552,7 +552,7 @@ mod tests {
     #[test]
     fn output_transform_gives_each_tile_its_own_transform_bit_for_bit() {
         for (width, pad) in WIDTHS.into_iter().flat_map(|w| [(w, 0), (w, 1)]) {
-            let geometry = geometry(9, width, pad);
+            let geometry = Geometry::new(9, width, pad);
             let channels = 3;
             let products = values(POINTS * channels * geometry.tiles());
             let bias = [0.5, -1.25, 3.0];
