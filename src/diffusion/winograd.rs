@@ -276,8 +276,12 @@ impl Phases {
     fn slide_to(&mut self, ty: usize, plane: &[f32], geometry: Geometry) {
         let Geometry { height, width, pad, .. } = geometry;
         let row_size = TILE * self.len;
-        let shared = if ty == 0 { 0 } else { SPAN - TILE };
-        self.values.copy_within(TILE * row_size.., 0);
+        let shared = if ty == 0 {
+            0
+        } else {
+            self.values.copy_within(TILE * row_size.., 0);
+            SPAN - TILE
+        };
         for r in shared..SPAN {
             let phases = &mut self.values[r * row_size..(r + 1) * row_size];
             let y = (ty * TILE + r).wrapping_sub(pad);
